@@ -1,0 +1,138 @@
+"""The worker's command line, environment and files for one reconstruction.
+
+The engine runs as ``PythonSlicer -m GaussianSVRLib reconstruct ...`` (any Python outside Slicer).
+Its package may sit in Slicer's qt-scripted-modules folder (installed extension) or beside this
+module's folder (source tree loaded with --additional-module-paths); the child gets that folder on
+its PYTHONPATH either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import params
+
+ENGINE_PACKAGE = "GaussianSVRLib"
+
+
+@dataclass(frozen=True)
+class StackFiles:
+    """One input stack as the worker reads it."""
+
+    image: Path
+    mask: Path | None
+    thickness: float
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one run's outputs, previews and stop file go."""
+
+    volume: Path
+    gaussians: Path  # the .vtp; the engine writes the .npz beside it
+    report: Path
+    preview_dir: Path
+    stop_file: Path
+
+    @property
+    def gaussians_npz(self) -> Path:
+        return self.gaussians.with_suffix(".npz")
+
+    @classmethod
+    def in_folders(cls, output_dir: Path, work_dir: Path, base_name: str) -> RunFiles:
+        """Outputs named after ``base_name`` in ``output_dir``; previews and stop file in ``work_dir``."""
+        return cls(
+            volume=output_dir / f"{base_name}.nii.gz",
+            gaussians=output_dir / f"{base_name}_gaussians.vtp",
+            report=output_dir / f"{base_name}_report.json",
+            preview_dir=work_dir / "preview",
+            stop_file=work_dir / "stop",
+        )
+
+
+def safe_file_name(name: str) -> str:
+    """A node name made safe as a file name stem."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+    return cleaned or "reconstruction"
+
+
+def find_engine_dir(module_dir: Path | None = None) -> Path:
+    """The folder that holds the GaussianSVRLib package (without importing it).
+
+    Looks it up on sys.path first (installed extension, or tests), then in the source tree layout
+    (``<repo>/GaussianSVR/GaussianSVRSlicer`` beside ``<repo>/GaussianSVRLib``).
+    """
+    spec = importlib.util.find_spec(ENGINE_PACKAGE)
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).resolve().parent.parent
+    here = Path(__file__).resolve().parent if module_dir is None else module_dir
+    for candidate in (here.parent, here.parent.parent):
+        if (candidate / ENGINE_PACKAGE / "__init__.py").is_file():
+            return candidate
+    raise FileNotFoundError(f"the {ENGINE_PACKAGE} package was not found: reinstall the GaussianSVR extension")
+
+
+def ensure_engine_importable() -> Path:
+    """Put the engine's folder on sys.path if it is not there (source tree layout); returns the folder.
+
+    The module imports only ``GaussianSVRLib.progress`` (plain Python) in Slicer's process.
+    """
+    engine_dir = find_engine_dir()
+    if importlib.util.find_spec(ENGINE_PACKAGE) is None:
+        sys.path.append(str(engine_dir))
+    return engine_dir
+
+
+def python_command(which: Callable[[str], str | None] = shutil.which) -> list[str]:
+    """The interpreter for the worker: Slicer's PythonSlicer launcher if on PATH, else this Python."""
+    launcher = which("PythonSlicer")
+    return [launcher] if launcher else [sys.executable]
+
+
+def worker_environment(base: Mapping[str, str], engine_dir: Path) -> dict[str, str]:
+    """``base`` with ``engine_dir`` first on PYTHONPATH and Python's output unbuffered."""
+    env = dict(base)
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(engine_dir) + (os.pathsep + existing if existing else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def reconstruct_command(
+    python: Sequence[str],
+    stacks: Sequence[StackFiles],
+    files: RunFiles,
+    settings: Mapping[str, object],
+) -> list[str]:
+    """The full worker command. Masks are passed only if every stack has one (the engine wants one
+    per stack or none; inputs.py writes a full mask for stacks without one)."""
+    if not stacks:
+        raise ValueError("no input stacks")
+    command = [*python, "-m", ENGINE_PACKAGE, "reconstruct", "--input-stacks", *(str(s.image) for s in stacks)]
+    masks = [s.mask for s in stacks]
+    if any(mask is not None for mask in masks):
+        if any(mask is None for mask in masks):
+            raise ValueError("either every stack has a mask or none")
+        command += ["--stack-masks", *(str(mask) for mask in masks)]
+    command += ["--thicknesses", *(repr(float(s.thickness)) for s in stacks)]
+    command += [
+        "--output-volume",
+        str(files.volume),
+        "--output-gaussians",
+        str(files.gaussians),
+        "--output-json",
+        str(files.report),
+        "--preview-dir",
+        str(files.preview_dir),
+        "--stop-file",
+        str(files.stop_file),
+        "--progress",
+        "json",
+    ]
+    return command + params.engine_arguments(settings)

@@ -1,0 +1,269 @@
+"""The optimization loop: schedule, pixel batches, neighbour refresh, slice weights, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import forward
+from .gaussians import GaussianField
+from .losses import scale_penalty, weighted_l1
+from .motion import SliceMotion
+from .neighbours import knn
+from .psf import psf_covariance, to_sym6
+from .settings import Settings
+from .stacks import SliceSet
+
+#: Robust z-score below which a slice keeps full weight; weights fall linearly to 0 at outlier_z.
+FULL_WEIGHT_Z = 2.0
+#: Slices whose intensity scale differs from their stack's median by more than this factor are outliers.
+SCALE_OUTLIER_FACTOR = 2.0
+
+
+@dataclass
+class SliceTensors:
+    """A SliceSet on the device: values (P,), positions (P, 3), slice_id (P,), axes (M, 3, 3), sigma (M, 3)."""
+
+    values: torch.Tensor
+    positions: torch.Tensor
+    slice_id: torch.Tensor
+    axes: torch.Tensor
+    sigma: torch.Tensor
+
+    @classmethod
+    def from_slices(cls, slices: SliceSet, scale: float, device: torch.device) -> SliceTensors:
+        def tensor(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+        return cls(
+            values=tensor(slices.values / scale),
+            positions=tensor(slices.positions),
+            slice_id=tensor(slices.pixel_slice, torch.int64),
+            axes=tensor(slices.slice_axes),
+            sigma=tensor(slices.psf_sigma),
+        )
+
+    @property
+    def n_pixels(self) -> int:
+        return self.values.shape[0]
+
+
+@dataclass
+class SliceQuality:
+    """Per-slice outcome (M,): relative residual, weight, exclusion and its reason."""
+
+    residual: np.ndarray
+    weight: np.ndarray
+    excluded: np.ndarray
+    reason: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its caller; every hook is optional."""
+
+    progress: Callable[[int, int, float, str, float], None] | None = None
+    checkpoint: Callable[[int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def slice_psf(data: SliceTensors, rotations: torch.Tensor) -> torch.Tensor:
+    """World PSF covariances of all slices as 6-vectors (M, 6), turned with their motion."""
+    return to_sym6(psf_covariance(data.axes, data.sigma, rotations))
+
+
+def predict(
+    field_: GaussianField,
+    motion: SliceMotion,
+    data: SliceTensors,
+    index: torch.Tensor,
+    neighbours: torch.Tensor,
+    mode: str,
+) -> torch.Tensor:
+    """Predicted values (B,) of pixels index (B,) with their neighbour lists (B, K)."""
+    rotations = motion.rotations()
+    slice_id = data.slice_id[index]
+    points = motion.move(data.positions[index], slice_id, rotations)
+    psf6 = slice_psf(data, rotations)[slice_id]
+    means, cov6, det, intensities = field_.packed()
+    values = forward.evaluate(points, neighbours, means, cov6, det, intensities, psf6, mode)
+    return values * motion.intensity_scale()[slice_id]
+
+
+def neighbour_lists(
+    field_: GaussianField, motion: SliceMotion, data: SliceTensors, k: int, backend: str
+) -> torch.Tensor:
+    """(P, K) nearest Gaussians of every pixel at its current moved position."""
+    with torch.no_grad():
+        points = motion.move(data.positions, data.slice_id, motion.rotations())
+        return knn(field_.means.detach(), points, k, backend)
+
+
+def robust_weights(
+    residual: np.ndarray, scale: np.ndarray, slice_stack: np.ndarray, outlier_z: float
+) -> SliceQuality:
+    """Slice weights from robust statistics of the per-slice residuals (M,) and intensity scales (M,).
+
+    z = (r - median) / (1.4826 MAD); weight 1 up to FULL_WEIGHT_Z, falling linearly to 0 at
+    outlier_z, where the slice is excluded. A slice whose intensity scale is off its stack's median
+    by more than SCALE_OUTLIER_FACTOR is excluded too (signal drop-out shows up there, since the
+    scale can absorb it).
+    """
+    valid = np.isfinite(residual)
+    median = np.median(residual[valid]) if valid.any() else 0.0
+    mad = 1.4826 * np.median(np.abs(residual[valid] - median)) if valid.any() else 0.0
+    z = (residual - median) / max(mad, 1e-6 * max(abs(median), 1e-12), 1e-12)
+    weight = np.clip((outlier_z - z) / (outlier_z - FULL_WEIGHT_Z), 0.0, 1.0)
+    weight[~valid] = 1.0
+    excluded = np.zeros(len(residual), dtype=bool)
+    reason: list[str | None] = [None] * len(residual)
+    for i in np.nonzero(valid & (z > outlier_z))[0]:
+        excluded[i] = True
+        reason[i] = f"residual {residual[i]:.3f} is {z[i]:.1f} robust SD above the median {median:.3f}"
+    for s in np.unique(slice_stack):
+        on_stack = np.nonzero(slice_stack == s)[0]
+        ratio = scale[on_stack] / np.median(scale[on_stack])
+        for i in on_stack[(ratio > SCALE_OUTLIER_FACTOR) | (ratio < 1.0 / SCALE_OUTLIER_FACTOR)]:
+            excluded[i] = True
+            reason[i] = f"intensity x{scale[i] / np.median(scale[on_stack]):.2f} of its stack (signal drop-out)"
+    weight[excluded] = 0.0
+    return SliceQuality(residual=residual, weight=weight, excluded=excluded, reason=reason)
+
+
+def slice_residuals(
+    field_: GaussianField,
+    motion: SliceMotion,
+    data: SliceTensors,
+    neighbours: torch.Tensor,
+    mode: str,
+    batch: int,
+) -> np.ndarray:
+    """Relative L1 residual sum|pred - I| / sum|I| of every slice (M,), over all its pixels."""
+    m = motion.n
+    abs_error = torch.zeros(m, dtype=torch.float64, device=data.values.device)
+    abs_value = torch.zeros_like(abs_error)
+    with torch.no_grad():
+        for start in range(0, data.n_pixels, batch):
+            index = torch.arange(start, min(start + batch, data.n_pixels), device=data.values.device)
+            prediction = predict(field_, motion, data, index, neighbours[index], mode)
+            slice_id = data.slice_id[index]
+            abs_error.index_add_(0, slice_id, (prediction - data.values[index]).abs().double())
+            abs_value.index_add_(0, slice_id, data.values[index].abs().double())
+    residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
+    residual[abs_value.cpu().numpy() == 0] = np.nan
+    return residual
+
+
+def make_optimizer(field_: GaussianField, motion: SliceMotion, settings: Settings) -> torch.optim.Optimizer:
+    groups = [
+        {"params": [field_.means], "lr": settings.lr_means, "name": "means"},
+        {"params": [field_.log_scales], "lr": settings.lr_scales, "name": "scales"},
+        {"params": [field_.quaternions], "lr": settings.lr_quaternions, "name": "quaternions"},
+        {"params": [field_.intensities], "lr": settings.lr_intensities, "name": "intensities"},
+        {"params": [motion.rotvec], "lr": settings.lr_rotation, "name": "rotation"},
+        {"params": [motion.translation], "lr": settings.lr_translation, "name": "translation"},
+        {"params": [motion.log_scale], "lr": settings.lr_slice_scale, "name": "slice_scale"},
+    ]
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return torch.optim.Adam(groups)
+
+
+def stage_plan(settings: Settings, has_coarse: bool) -> list[tuple[str, int]]:
+    """(stage name, steps) pairs summing to settings.iterations."""
+    if not has_coarse:
+        return [("fine", settings.iterations)]
+    coarse = int(round(settings.iterations * settings.coarse_fraction))
+    return [("coarse", coarse), ("fine", settings.iterations - coarse)]
+
+
+def learning_rate_factor(step_in_stage: int, stage_steps: int, stage: str) -> float:
+    """Step decay x0.5 at 50% and 75% of the fine stage; the coarse stage runs at full rate."""
+    if stage == "coarse":
+        return 1.0
+    progress = step_in_stage / max(stage_steps, 1)
+    return 0.25 if progress >= 0.75 else 0.5 if progress >= 0.5 else 1.0
+
+
+def optimize(
+    field_: GaussianField,
+    motion: SliceMotion,
+    stages: dict[str, SliceTensors],
+    slice_stack: np.ndarray,
+    settings: Settings,
+    hooks: Hooks | None = None,
+) -> SliceQuality:
+    """Fit the Gaussians, slice motion and slice scales to the slices; returns the slice quality.
+
+    stages maps "fine" (and optionally "coarse") to the slice pixels of that stage.
+    """
+    hooks = hooks or Hooks()
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    optimizer = make_optimizer(field_, motion, settings)
+    plan = stage_plan(settings, "coarse" in stages)
+    total = sum(steps for _, steps in plan)
+    motion_start = int(settings.motion_start * total)
+    m = motion.n
+    quality = robust_weights(np.full(m, np.nan), np.ones(m), slice_stack, settings.outlier_z)
+    step = 0
+    started = time.monotonic()
+    for stage, steps in plan:
+        data = stages[stage]
+        device = data.values.device
+        abs_error = torch.zeros(m, dtype=torch.float64, device=device)
+        abs_value = torch.zeros_like(abs_error)
+        order = torch.randperm(data.n_pixels, generator=generator).to(device)
+        cursor = 0
+        neighbours = None
+        for step_in_stage in range(steps):
+            if hooks.should_stop is not None and hooks.should_stop():
+                return quality
+            if step_in_stage % settings.refresh_every == 0:
+                neighbours = neighbour_lists(field_, motion, data, settings.k_neighbours, settings.neighbour_backend)
+                if step > motion_start and bool((abs_value > 0).any()):
+                    residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
+                    residual[abs_value.cpu().numpy() == 0] = np.nan
+                    scale = motion.intensity_scale().detach().cpu().numpy()
+                    quality = robust_weights(residual, scale, slice_stack, settings.outlier_z)
+                    abs_error.zero_()
+                    abs_value.zero_()
+            if cursor + settings.batch_pixels > data.n_pixels:
+                order = torch.randperm(data.n_pixels, generator=generator).to(device)
+                cursor = 0
+            index = order[cursor : cursor + settings.batch_pixels]
+            cursor += settings.batch_pixels
+            factor = learning_rate_factor(step_in_stage, steps, stage)
+            motion_on = step >= motion_start
+            for group in optimizer.param_groups:
+                is_motion = group["name"] in ("rotation", "translation", "slice_scale")
+                group["lr"] = group["base_lr"] * factor * (1.0 if motion_on or not is_motion else 0.0)
+            prediction = predict(field_, motion, data, index, neighbours[index], settings.psf_mode)
+            slice_id = data.slice_id[index]
+            weight = torch.as_tensor(quality.weight, dtype=prediction.dtype, device=device)[slice_id]
+            target = data.values[index]
+            loss = weighted_l1(prediction, target, weight)
+            if settings.scale_regularization > 0:
+                loss = loss + settings.scale_regularization * scale_penalty(field_.scales(), settings.scale_target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                abs_error.index_add_(0, slice_id, (prediction - target).abs().double())
+                abs_value.index_add_(0, slice_id, target.abs().double())
+            step += 1
+            elapsed = time.monotonic() - started
+            if hooks.progress is not None:
+                eta = elapsed / step * (total - step)
+                hooks.progress(step, total, float(loss), stage, eta if math.isfinite(eta) else 0.0)
+            if hooks.checkpoint is not None:
+                hooks.checkpoint(step)
+    fine = stages["fine"]
+    neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
+    residual = slice_residuals(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
+    scale = motion.intensity_scale().detach().cpu().numpy()
+    return robust_weights(residual, scale, slice_stack, settings.outlier_z)

@@ -1,0 +1,323 @@
+"""The pipeline: read -> initialize -> optimize -> export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__, forward
+from .devices import choose_device
+from .errors import InputError
+from .export import save_gaussians, write_ellipsoids, write_image, write_json
+from .gaussians import GaussianField, transform_state
+from .geometry import kabsch, matrix_to_rotvec, set_image_geometry
+from .init import (
+    in_plane_gradient,
+    initial_intensity_gain,
+    initial_scales,
+    prealign,
+    reference_index,
+    sample_centres,
+)
+from .motion import SliceMotion, compose_rigid
+from .neighbours import knn
+from .optimize import Hooks, SliceQuality, SliceTensors, optimize
+from .report import build_report
+from .settings import Settings
+from .stacks import SliceSet, Stack, coarsen_slices, extract_slices, read_stacks
+from .volume import check_grid_fits, grid_covering, render
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Preview volumes are rendered this much coarser than the output (but never finer than it).
+PREVIEW_COARSENING = 2.0
+PREVIEW_GLYPHS = 3000
+
+Events = Callable[..., None]
+
+
+@dataclass
+class Outputs:
+    """Where results go; None skips an output. gaussians: the .npz and .vtp share its stem."""
+
+    volume: str | None = None
+    gaussians: str | None = None
+    report: str | None = None
+    preview_dir: str | None = None
+
+    def gaussian_paths(self) -> tuple[str, str] | None:
+        if self.gaussians is None:
+            return None
+        stem = Path(self.gaussians)
+        stem = stem.with_suffix("") if stem.suffix in (".npz", ".vtp") else stem
+        return str(stem.with_suffix(".npz")), str(stem.with_suffix(".vtp"))
+
+
+@dataclass
+class Reconstruction:
+    """What a run produced: the volume, the Gaussians (world), the report and the slice quality."""
+
+    volume: sitk.Image
+    gaussians: dict[str, np.ndarray]
+    report: dict[str, Any]
+    quality: SliceQuality
+    cancelled: bool = False
+    paths: dict[str, str | None] = field(default_factory=dict)
+
+
+def check_outputs(outputs: Outputs) -> None:
+    """Refuse unusable output paths before any work: wrong extension, missing or read-only folder."""
+    if outputs.volume is not None and not outputs.volume.lower().endswith(IMAGE_EXTENSIONS):
+        raise InputError(outputs.volume, f"output volume must end with one of {', '.join(IMAGE_EXTENSIONS)}")
+    paths = [outputs.volume, outputs.report] + list(outputs.gaussian_paths() or [])
+    for path in filter(None, paths):
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise InputError(path, "output folder does not exist")
+        if not os.access(folder, os.W_OK):
+            raise InputError(path, "output folder is not writable")
+    if outputs.preview_dir is not None:
+        preview = Path(outputs.preview_dir)
+        if preview.exists() and not (preview.is_dir() and os.access(preview, os.W_OK)):
+            raise InputError(preview, "preview folder is not a writable folder")
+        if not preview.exists() and not os.access(preview.resolve().parent, os.W_OK):
+            raise InputError(preview, "preview folder cannot be created")
+
+
+@dataclass
+class Problem:
+    """Everything the optimizer needs, prepared from the stacks."""
+
+    stacks: list[Stack]
+    slices: SliceSet
+    reference: int
+    intensity_norm: float
+    grid_affine: np.ndarray
+    grid_shape: tuple[int, int, int]
+
+
+def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) -> Problem:
+    """Slices, reference stack, intensity normalization and the output grid (checked for size)."""
+    slices = extract_slices(stacks, settings.in_plane_fwhm)
+    if settings.reference_stack is not None and not 0 <= settings.reference_stack < len(stacks):
+        raise InputError(None, f"reference stack {settings.reference_stack} does not exist")
+    reference = reference_index(stacks) if settings.reference_stack is None else settings.reference_stack
+    positive = slices.values[slices.values > 0]
+    norm = float(np.median(positive)) if len(positive) else 1.0
+    affine, shape = grid_covering(slices.positions, stacks[reference].direction, settings.output_resolution)
+    check_grid_fits(shape, settings.output_resolution, volume_path)
+    return Problem(stacks, slices, reference, norm, affine, shape)
+
+
+def initial_models(
+    problem: Problem, settings: Settings, device: torch.device
+) -> tuple[GaussianField, SliceMotion]:
+    """Pre-aligned slice motion and content-adaptive Gaussians, in the reference stack's frame."""
+    slices = problem.slices
+    rng = np.random.default_rng(settings.seed)
+    if settings.prealign and len(problem.stacks) > 1:
+        rotvec, translation = prealign(problem.stacks, slices, problem.reference, settings.seed)
+    else:
+        rotvec = np.zeros((slices.n_slices, 3))
+        translation = np.zeros((slices.n_slices, 3))
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+
+    motion = SliceMotion(tensor(slices.slice_centre), tensor(rotvec), tensor(translation))
+    thickness = np.array([problem.stacks[s].thickness for s in slices.slice_stack])
+    gradient = in_plane_gradient(problem.stacks, slices)
+    chosen, nominal = sample_centres(slices, gradient, settings.n_gaussians, settings.edge_fraction, thickness, rng)
+    with torch.no_grad():
+        slice_id = torch.as_tensor(slices.pixel_slice[chosen], device=device)
+        centres = motion.move(tensor(nominal), slice_id, motion.rotations())
+    scales = initial_scales(centres.cpu().numpy().astype(np.float64))
+    values = tensor(slices.values[chosen] / problem.intensity_norm)
+    field_ = GaussianField(centres, tensor(scales)[:, None].repeat(1, 3), values)
+    with torch.no_grad():
+        means, cov6, det, intensities = field_.packed()
+        neighbours = knn(means, means, min(settings.k_neighbours, field_.n), settings.neighbour_backend)
+        mixture = forward.evaluate(means, neighbours, means, cov6, det, intensities, None, "none")
+        field_.intensities.mul_(initial_intensity_gain(values, mixture))
+    return field_, motion
+
+
+def gauge(problem: Problem, motion: SliceMotion) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rigid map (R (3, 3), b (3,)) that takes the anatomy frame back onto the reference stack.
+
+    The global frame of a reconstruction is arbitrary (volume and all slices can move together);
+    fixing it so that the reference stack's slices sit, on average, where its header puts them
+    makes the output overlay the input stacks.
+    """
+    slices = problem.slices
+    on_reference = np.nonzero(slices.slice_stack[slices.pixel_slice] == problem.reference)[0]
+    sample = on_reference[:: max(1, len(on_reference) // 20000)]
+    device = motion.centres.device
+    with torch.no_grad():
+        nominal = torch.as_tensor(slices.positions[sample], dtype=torch.float32, device=device)
+        slice_id = torch.as_tensor(slices.pixel_slice[sample], device=device)
+        moved = motion.move(nominal, slice_id, motion.rotations())
+    rotation, offset = kabsch(moved.cpu().numpy().astype(np.float64), nominal.cpu().numpy().astype(np.float64))
+    return (
+        torch.as_tensor(rotation, dtype=torch.float32, device=device),
+        torch.as_tensor(offset, dtype=torch.float32, device=device),
+    )
+
+
+def world_gaussians(problem: Problem, field_: GaussianField, motion: SliceMotion) -> dict[str, torch.Tensor]:
+    """The Gaussians in the output frame and in input intensity units."""
+    rotation, offset = gauge(problem, motion)
+    state = transform_state(field_.state(), rotation, offset)
+    reference_scale = motion.intensity_scale().detach()[torch.as_tensor(problem.slices.slice_stack == problem.reference)]
+    state["intensities"] = state["intensities"] * problem.intensity_norm * reference_scale.median()
+    return state
+
+
+def world_motion(problem: Problem, motion: SliceMotion) -> tuple[np.ndarray, np.ndarray]:
+    """Slice rotation vectors (M, 3) and translations (M, 3) in the output frame."""
+    rotation, offset = gauge(problem, motion)
+    with torch.no_grad():
+        rotations, translation = compose_rigid(
+            rotation, offset, motion.rotations(), motion.translation, motion.centres
+        )
+    return matrix_to_rotvec(rotations.cpu().numpy().astype(np.float64)), translation.cpu().numpy()
+
+
+def volume_image(
+    state: dict[str, torch.Tensor], affine: np.ndarray, shape: tuple[int, int, int], settings: Settings
+) -> sitk.Image:
+    array = render(state["means"], state["covariances"], state["intensities"], affine, shape,
+                   settings.k_neighbours, settings.neighbour_backend)
+    return set_image_geometry(sitk.GetImageFromArray(np.clip(array, 0, None)), affine)
+
+
+def preview_grid(problem: Problem, settings: Settings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    factor = PREVIEW_COARSENING
+    affine = problem.grid_affine.copy()
+    affine[:3, :3] *= factor
+    shape = tuple(int(np.ceil(n / factor)) for n in problem.grid_shape)
+    return affine, shape  # type: ignore[return-value]
+
+
+def write_gaussians(state: dict[str, torch.Tensor], npz: str, vtp: str, max_glyphs: int, **extra: np.ndarray) -> None:
+    arrays = {key: value.detach().cpu().numpy() for key, value in state.items()}
+    save_gaussians(npz, arrays["means"], arrays["covariances"], arrays["intensities"], **extra)
+    write_ellipsoids(vtp, arrays["means"], arrays["covariances"], arrays["intensities"], max_count=max_glyphs)
+
+
+def reconstruct(
+    stack_paths: list[str],
+    mask_paths: list[str] | None = None,
+    thicknesses: list[float] | None = None,
+    settings: Settings | None = None,
+    outputs: Outputs | None = None,
+    events: Events | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Reconstruction:
+    """Reconstruct one volume from stacks; writes the requested outputs and returns the results.
+
+    events(kind, **fields) receives the protocol messages of progress.py ("started", "progress",
+    "checkpoint"); should_stop() is polled between iterations and ends the run early (a cancel),
+    keeping the last preview and writing no final output.
+    """
+    settings = settings or Settings()
+    outputs = outputs or Outputs()
+    emit = events or (lambda kind, **fields: None)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    check_outputs(outputs)
+    device = choose_device(settings.device)
+    torch.manual_seed(settings.seed)
+
+    stacks = read_stacks(stack_paths, mask_paths, thicknesses)
+    problem = prepare(stacks, settings, outputs.volume)
+    timings["read_s"] = time.monotonic() - started
+
+    mark = time.monotonic()
+    field_, motion = initial_models(problem, settings, device)
+    timings["initialize_s"] = time.monotonic() - mark
+    stages = {"fine": SliceTensors.from_slices(problem.slices, problem.intensity_norm, device)}
+    if settings.coarse_to_fine:
+        coarse = coarsen_slices(problem.slices, stacks, 2)
+        stages["coarse"] = SliceTensors.from_slices(coarse, problem.intensity_norm, device)
+    emit(
+        "started", device=str(device), n_stacks=len(stacks), n_slices=problem.slices.n_slices,
+        n_pixels=problem.slices.n_pixels, n_gaussians=field_.n, total=settings.iterations,
+    )
+
+    preview_paths: dict[str, str] = {}
+    last_checkpoint = [time.monotonic()]
+
+    def checkpoint(step: int, force: bool = False) -> None:
+        if outputs.preview_dir is None:
+            return
+        if not force and time.monotonic() - last_checkpoint[0] < settings.checkpoint_interval_s:
+            return
+        folder = Path(outputs.preview_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = world_gaussians(problem, field_, motion)
+        affine, shape = preview_grid(problem, settings)
+        paths = {
+            "volume": str(folder / "preview.nii.gz"),
+            "gaussians": str(folder / "preview_gaussians.npz"),
+            "ellipsoids": str(folder / "preview_gaussians.vtp"),
+        }
+        write_image(volume_image(state, affine, shape, settings), paths["volume"])
+        write_gaussians(state, paths["gaussians"], paths["ellipsoids"], PREVIEW_GLYPHS)
+        preview_paths.update(paths)
+        emit("checkpoint", iter=step, **paths)
+        last_checkpoint[0] = time.monotonic()
+
+    def progress(step: int, total: int, loss: float, stage: str, eta: float) -> None:
+        emit("progress", iter=step, total=total, loss=loss, eta_s=round(eta, 1),
+             elapsed_s=round(time.monotonic() - started, 1), stage=stage)
+
+    stop = should_stop or (lambda: False)
+    mark = time.monotonic()
+    quality = optimize(field_, motion, stages, problem.slices.slice_stack, settings,
+                       Hooks(progress=progress, checkpoint=checkpoint, should_stop=stop))
+    timings["optimize_s"] = time.monotonic() - mark
+    cancelled = stop()
+    if cancelled:
+        checkpoint(-1, force=True)
+
+    mark = time.monotonic()
+    state = world_gaussians(problem, field_, motion)
+    image = volume_image(state, problem.grid_affine, problem.grid_shape, settings)
+    timings["render_s"] = time.monotonic() - mark
+    rotvec, translation = world_motion(problem, motion)
+    scale = motion.intensity_scale().detach().cpu().numpy()
+    timings["total_s"] = time.monotonic() - started
+    report = build_report(
+        version=__version__, settings=settings, device=str(device), stacks=stacks, slices=problem.slices,
+        reference=problem.reference, rotvec=rotvec, translation=translation, scale=scale, quality=quality,
+        timings=timings, cancelled=cancelled,
+    )
+    paths: dict[str, str | None] = {"volume": None, "gaussians": None, "ellipsoids": None, "report": None}
+    if not cancelled:
+        if outputs.volume is not None:
+            write_image(image, outputs.volume)
+            paths["volume"] = outputs.volume
+        gaussian_paths = outputs.gaussian_paths()
+        if gaussian_paths is not None:
+            write_gaussians(state, *gaussian_paths, max_glyphs=5000,
+                            slice_rotation=rotvec, slice_translation=translation, slice_scale=scale)
+            paths["gaussians"], paths["ellipsoids"] = gaussian_paths
+        report["outputs"] = dict(paths)
+        if outputs.report is not None:
+            write_json(report, outputs.report)
+            paths["report"] = outputs.report
+    else:
+        paths.update({key: preview_paths.get(key) for key in ("volume", "gaussians", "ellipsoids")})
+    arrays = {key: value.detach().cpu().numpy() for key, value in state.items()}
+    return Reconstruction(image, arrays, report, quality, cancelled, paths)

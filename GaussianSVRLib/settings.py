@@ -1,0 +1,62 @@
+"""Reconstruction settings, their defaults and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that steers a reconstruction. Defaults are the "standard" preset, sized for a CPU."""
+
+    n_gaussians: int = 30000
+    k_neighbours: int = 16
+    iterations: int = 400
+    batch_pixels: int = 32768
+    output_resolution: float = 0.8
+    psf_mode: str = "exact"
+    in_plane_fwhm: float = 1.2
+    coarse_to_fine: bool = True
+    coarse_fraction: float = 0.4
+    edge_fraction: float = 0.7
+    scale_target: float = 1.6
+    scale_regularization: float = 2.5e-3
+    lr_means: float = 2.5e-2
+    lr_scales: float = 2.5e-2
+    lr_quaternions: float = 1e-2
+    lr_intensities: float = 1e-2
+    lr_rotation: float = 2.5e-3
+    lr_translation: float = 5e-2
+    lr_slice_scale: float = 5e-3
+    motion_start: float = 0.1
+    refresh_every: int = 20
+    outlier_z: float = 3.5
+    seed: int = 0
+    device: str = "auto"
+    neighbour_backend: str = "auto"
+    checkpoint_interval_s: float = 15.0
+    reference_stack: int | None = None
+    prealign: bool = True
+
+    def updated(self, **changes: object) -> Settings:
+        """A copy with the given fields changed; unknown names raise TypeError."""
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "preview": {"n_gaussians": 12000, "k_neighbours": 12, "iterations": 150},
+    "standard": {},
+    "high": {"n_gaussians": 60000, "k_neighbours": 24, "iterations": 1000},
+}
+
+
+def preset(name: str) -> Settings:
+    """The named preset ("preview", "standard", "high")."""
+    return Settings().updated(**PRESETS[name])
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(Settings)]

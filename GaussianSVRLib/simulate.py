@@ -1,0 +1,527 @@
+"""Thick-slice stacks simulated from a high-resolution volume, as a fetal MRI scanner would acquire them.
+
+The simulation is the ground truth for a closed-form (analytic PSF) method, so it integrates the PSF
+numerically: every slice pixel is the Gaussian-weighted mean of the volume sampled (trilinear) on a
+grid of sub-sample points covering +/-3 sigma of the slice PSF. Neighbouring pixels share their
+sub-samples: the grid is one fine grid per slice (in-plane step = pixel size / m, through-plane step
+``psf_step``), reduced by separable Gaussian weights. That is exactly the per-pixel weighted mean,
+computed about m^2 times faster.
+
+Geometry and motion follow ``geometry.py``: the pixel at nominal world position p (stack affine)
+sees the volume at x = R (p - c) + c + t, c the slice centre. ``transforms.json`` records, per slice,
+the full (rotation, translation) in that convention, per-stack misalignment already composed in.
+Stack and mask paths in it are file names relative to the JSON's folder (``read_truth`` resolves
+nothing; ``read_transforms`` returns absolute paths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .geometry import apply_affine, image_affine, matrix_to_rotvec, rotvec_to_matrix, set_image_geometry
+from .stacks import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
+
+#: Stack orientations (columns = i, j, k axes in LPS world), cycled: axial, coronal, sagittal, axial.
+#: All are proper rotations; the fourth (axial again) is offset by half a slice spacing.
+ORIENTATIONS = (
+    np.eye(3),
+    np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]),
+    np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+    np.eye(3),
+)
+OBLIQUE_RANGE_DEG = (15.0, 40.0)
+DROPOUT_FACTOR_RANGE = (0.05, 0.3)
+#: Half-width of the PSF support and of the sub-sample grid, in standard deviations.
+PSF_SUPPORT_SIGMAS = 3.0
+#: Sub-sample points evaluated at once (bounds memory: about 50 bytes each).
+POINTS_PER_CHUNK = 2_000_000
+
+
+@dataclass
+class SimulationResult:
+    stack_paths: list[str]
+    mask_paths: list[str]
+    transforms_path: str
+
+
+@dataclass
+class _StackGeometry:
+    affine: np.ndarray  # (4, 4) voxel -> LPS
+    size: tuple[int, int, int]  # (ni, nj, nk)
+    centre: np.ndarray  # (3,) nominal centre of the field of view
+
+
+def _rotation(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation vectors (..., 3) radians -> matrices (..., 3, 3), float64 numpy."""
+    return rotvec_to_matrix(torch.as_tensor(np.asarray(rotvec, dtype=np.float64))).numpy()
+
+
+def _random_unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+    )
+
+
+def _mask_array(mask: sitk.Image, volume: sitk.Image) -> np.ndarray:
+    """The mask on the volume's grid as bool [k, j, i] (nearest neighbour if it is on another grid)."""
+    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    if not _same_grid(binary, volume):
+        binary = sitk.Resample(binary, volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    array = sitk.GetArrayFromImage(binary) > 0
+    if not array.any():
+        raise InputError(None, "the brain mask is empty on the volume's grid")
+    return array
+
+
+def stack_geometry(
+    mask_world: np.ndarray,
+    direction: np.ndarray,
+    in_plane: float,
+    spacing: float,
+    margin: float,
+    k_shift: float,
+) -> _StackGeometry:
+    """A stack grid with the given direction (3, 3) covering the points mask_world (P, 3) plus a margin.
+
+    The grid is centred on the points' extent along each stack axis; k_shift (mm) moves it along k.
+    """
+    steps = np.array([in_plane, in_plane, spacing])
+    along = mask_world @ direction  # coordinates along the stack axes
+    lo, hi = along.min(0) - margin, along.max(0) + margin
+    n = np.ceil((hi - lo) / steps).astype(int) + 1
+    start = (lo + hi) / 2.0 - (n - 1) * steps / 2.0
+    start[2] += k_shift
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(steps)
+    affine[:3, 3] = direction @ start
+    centre = apply_affine(affine, (n - 1) / 2.0)
+    return _StackGeometry(affine, (int(n[0]), int(n[1]), int(n[2])), centre)
+
+
+def _box_corners(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World positions (8, 3) of the corners of the mask's bounding box (voxel centres)."""
+    kk, jj, ii = np.nonzero(mask)
+    lo, hi = (ii.min(), jj.min(), kk.min()), (ii.max(), jj.max(), kk.max())
+    corners = (
+        np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij"), dtype=np.float64).reshape(3, -1).T
+    )
+    return apply_affine(affine, corners)
+
+
+def psf_offsets(sigma: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (n,) in units of ``step`` within +/-3 sigma and their normalized Gaussian weights."""
+    half = int(np.floor(PSF_SUPPORT_SIGMAS * sigma / step + 1e-9))
+    index = np.arange(-half, half + 1)
+    weights = np.exp(-0.5 * (index * step / sigma) ** 2)
+    return index, weights / weights.sum()
+
+
+def _fine_plane(
+    volume: np.ndarray, to_index: np.ndarray, fi: np.ndarray, fj: np.ndarray, fk: np.ndarray, w_k: np.ndarray
+) -> np.ndarray:
+    """Volume samples on the fine grid fk x fj x fi (stack voxel units), reduced through-plane: (J, I).
+
+    to_index (4, 4) maps stack voxel coordinates (i, j, k), motion included, to volume (i, j, k).
+    """
+    lin, off = to_index[:3, :3][::-1], to_index[:3, 3][::-1]  # rows in volume array order (k, j, i)
+    coords = (
+        off[:, None, None, None]
+        + lin[:, 0, None, None, None] * fi[None, None, None, :]
+        + lin[:, 1, None, None, None] * fj[None, None, :, None]
+        + lin[:, 2, None, None, None] * fk[None, :, None, None]
+    )
+    samples = ndimage.map_coordinates(volume, coords.reshape(3, -1), order=1, mode="constant", cval=0.0)
+    return np.tensordot(w_k, samples.reshape(coords.shape[1:]), axes=(0, 0))
+
+
+def sample_slices_psf(
+    volume: np.ndarray,
+    world_to_index: np.ndarray,
+    affine: np.ndarray,
+    size: tuple[int, int, int],
+    ks: np.ndarray,
+    rotations: np.ndarray,
+    translations: np.ndarray,
+    sigma: np.ndarray,
+    psf_step: float,
+) -> np.ndarray:
+    """PSF-integrated slices of a volume, by numerical quadrature.
+
+    volume [k, j, i] with world_to_index (4, 4) its LPS -> voxel affine; affine (4, 4) and size
+    (ni, nj, nk) define the stack; ks (B,) the slices to simulate, with rotations (B, 3, 3) and
+    translations (B, 3) of their motion; sigma (3,) the PSF standard deviations (mm) along the stack
+    axes. The in-plane sub-sample step is the pixel size / ceil(pixel size / psf_step), the
+    through-plane step psf_step. Returns (B, nj, ni) float64.
+    """
+    ni, nj, _ = size
+    axes_steps = affine[:3, :3]
+    pixel = np.linalg.norm(axes_steps, axis=0)
+    mi, mj = np.maximum(np.ceil(pixel[:2] / psf_step - 1e-9), 1).astype(int)
+    off_i, w_i = psf_offsets(sigma[0], pixel[0] / mi)
+    off_j, w_j = psf_offsets(sigma[1], pixel[1] / mj)
+    off_k, w_k = psf_offsets(sigma[2], psf_step)
+    # Fine grid in stack voxel units: output pixel i averages fine columns i * mi + off_i.
+    fi = np.arange(off_i[0], (ni - 1) * mi + off_i[-1] + 1) / mi
+    fk = off_k * psf_step / pixel[2]
+    rows_per_chunk = max(1, POINTS_PER_CHUNK // (len(fi) * len(fk) * mj))
+    out = np.empty((len(ks), nj, ni))
+    for b, k in enumerate(ks):
+        centre = apply_affine(affine, np.array([(ni - 1) / 2.0, (nj - 1) / 2.0, k]))
+        # Stack voxel (i, j, k) -> volume index, motion included: W (R (A v + o - c) + c + t).
+        moved = np.eye(4)
+        moved[:3, :3] = rotations[b] @ axes_steps
+        moved[:3, 3] = rotations[b] @ (affine[:3, 3] - centre) + centre + translations[b]
+        to_index = world_to_index @ moved
+        to_index[:3, 3] += to_index[:3, 2] * k
+        for j0 in range(0, nj, rows_per_chunk):
+            n = min(rows_per_chunk, nj - j0)
+            fj = np.arange(j0 * mj + off_j[0], (j0 + n - 1) * mj + off_j[-1] + 1) / mj
+            plane = _fine_plane(volume, to_index, fi, fj, fk, w_k)
+            rows = sum(w * plane[a : a + (n - 1) * mj + 1 : mj] for a, w in enumerate(w_j))
+            out[b, j0 : j0 + n] = sum(w * rows[:, a : a + (ni - 1) * mi + 1 : mi] for a, w in enumerate(w_i))
+    return out
+
+
+def sample_slices_nearest_mask(
+    mask: np.ndarray,
+    world_to_index: np.ndarray,
+    affine: np.ndarray,
+    size: tuple[int, int, int],
+    rotations: np.ndarray,
+    translations: np.ndarray,
+) -> np.ndarray:
+    """The mask [k, j, i] seen through each moved slice: trilinear at pixel centres, threshold 0.5.
+
+    rotations (nk, 3, 3), translations (nk, 3). Returns uint8 (nk, nj, ni).
+    """
+    ni, nj, nk = size
+    jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
+    out = np.empty((nk, nj, ni), dtype=np.uint8)
+    values = mask.astype(np.float32)
+    for k in range(nk):
+        index = np.stack([ii, jj, np.full_like(ii, k)], -1).astype(np.float64)
+        nominal = apply_affine(affine, index)
+        centre = apply_affine(affine, np.array([(ni - 1) / 2.0, (nj - 1) / 2.0, k]))
+        world = (nominal - centre) @ rotations[k].T + centre + translations[k]
+        vox = apply_affine(world_to_index, world)
+        sampled = ndimage.map_coordinates(values, vox[..., ::-1].reshape(-1, 3).T, order=1, cval=0.0)
+        out[k] = (sampled.reshape(nj, ni) >= 0.5).astype(np.uint8)
+    return out
+
+
+def _slice_motion(
+    rng: np.random.Generator, nk: int, max_rotation_deg: float, max_translation_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice rotation vectors (nk, 3) radians and translations (nk, 3) mm, uniform per component."""
+    rot = rng.uniform(-1.0, 1.0, size=(nk, 3)) * np.deg2rad(max_rotation_deg)
+    trans = rng.uniform(-1.0, 1.0, size=(nk, 3)) * max_translation_mm
+    return rot, trans
+
+
+def _compose_misalignment(
+    centres: np.ndarray,
+    rot: np.ndarray,
+    trans: np.ndarray,
+    mis_rot: np.ndarray,
+    mis_trans: np.ndarray,
+    pivot: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slice motion followed by the stack misalignment x -> Rs (x - ps) + ps + ts, in slice convention.
+
+    Rs (R (p - c) + c + t - ps) + ps + ts = (Rs R)(p - c) + c + t' with t' = Rs (c + t - ps) + ps + ts - c.
+    Returns rotation matrices (nk, 3, 3) and translations (nk, 3).
+    """
+    rs = _rotation(mis_rot)
+    matrices = rs[None] @ _rotation(rot)
+    translations = (centres + trans - pivot) @ rs.T + pivot + mis_trans - centres
+    return matrices, translations
+
+
+def _write_atomic_image(image: sitk.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_atomic_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    return set_image_geometry(sitk.GetImageFromArray(array), affine)
+
+
+def _check_settings(
+    in_plane: float,
+    thickness: float,
+    spacing: float,
+    n_stacks: int,
+    noise: float,
+    dropout: float,
+    max_angle: float,
+) -> None:
+    if n_stacks < 1:
+        raise InputError(None, f"n_stacks must be at least 1, got {n_stacks}")
+    for name, value in (("in_plane", in_plane), ("thickness", thickness), ("spacing", spacing)):
+        if not value > 0:
+            raise InputError(None, f"{name} must be positive, got {value}")
+    if noise < 0:
+        raise InputError(None, f"noise must be non-negative, got {noise}")
+    if not 0.0 <= dropout <= 1.0:
+        raise InputError(None, f"dropout must be in [0, 1], got {dropout}")
+    if not 0.0 <= max_angle < 180.0:
+        raise InputError(
+            None,
+            "sqrt(3) x max_rotation_deg + stack_misalignment_deg must stay in [0, 180) degrees "
+            f"(got {max_angle:.1f}) so that every slice rotation has a unique rotation vector",
+        )
+
+
+def simulate_stacks(
+    volume: sitk.Image,
+    mask: sitk.Image,
+    out_dir: str | Path,
+    *,
+    n_stacks: int = 4,
+    in_plane: float = 0.8,
+    thickness: float = 3.0,
+    spacing: float | None = None,
+    max_rotation_deg: float = 5.0,
+    max_translation_mm: float = 3.0,
+    noise: float = 0.02,
+    dropout: float = 0.0,
+    oblique: bool = False,
+    stack_misalignment_deg: float = 0.0,
+    stack_misalignment_mm: float = 0.0,
+    seed: int = 0,
+    psf_step: float | None = None,
+    in_plane_factor: float = IN_PLANE_FWHM_FACTOR,
+    margin_mm: float = 8.0,
+) -> SimulationResult:
+    """Simulate ``n_stacks`` thick-slice stacks (and their masks) of ``volume`` into ``out_dir``.
+
+    Orientations cycle axial (slice normal along world z), coronal (y), sagittal (x), axial offset by
+    half a slice spacing; ``oblique`` turns each stack by a random rotation of 15-40 degrees. Each
+    field of view covers the mask's bounding box plus ``margin_mm``.
+
+    Motion, per slice: rotation vector with each component uniform in +/-max_rotation_deg (so the
+    rotation about each world axis is within that bound and the total angle within sqrt(3) times it)
+    and translation uniform in +/-max_translation_mm per axis. Per stack, optionally, a misalignment
+    about the stack's centre: rotation of exactly ``stack_misalignment_deg`` about a random axis and
+    translation of ``stack_misalignment_mm`` in a random direction, applied after the slice motion.
+    The rule that keeps rotation vectors unambiguous: sqrt(3) max_rotation_deg +
+    stack_misalignment_deg must be below 180 degrees (InputError otherwise).
+
+    PSF: Gaussian, in-plane FWHM = in_plane_factor x in_plane, through-plane FWHM = thickness,
+    integrated numerically with sub-sample step ``psf_step`` (default: half the volume's smallest
+    voxel size). Signal drop-out (a fraction ``dropout`` of each stack's slices, multiplied by a factor
+    in [0.05, 0.3]) comes before Rician noise of sigma noise x (99th percentile of the volume inside
+    the mask). Deterministic for a given seed; stack s draws from its own generator seeded (seed, s).
+    """
+    spacing = thickness if spacing is None else spacing
+    _check_settings(
+        in_plane,
+        thickness,
+        spacing,
+        n_stacks,
+        noise,
+        dropout,
+        np.sqrt(3.0) * max_rotation_deg + stack_misalignment_deg,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volume_array = sitk.GetArrayFromImage(volume).astype(np.float32)
+    mask_array = _mask_array(mask, volume)
+    volume_affine = image_affine(volume)
+    world_to_index = np.linalg.inv(volume_affine)
+    if psf_step is None:
+        psf_step = 0.5 * min(volume.GetSpacing())
+    noise_sigma = noise * float(np.percentile(volume_array[mask_array], 99))
+    corners = _box_corners(mask_array, volume_affine)
+    sigma = np.array([in_plane_factor * in_plane, in_plane_factor * in_plane, thickness]) * FWHM_TO_SIGMA
+
+    stack_paths, mask_paths, stacks_json = [], [], []
+    for s in range(n_stacks):
+        rng = np.random.default_rng([seed, s])
+        direction = ORIENTATIONS[s % 4]
+        if oblique:
+            angle = np.deg2rad(rng.uniform(*OBLIQUE_RANGE_DEG))
+            direction = _rotation(_random_unit(rng) * angle) @ direction
+        geometry = stack_geometry(
+            corners, direction, in_plane, spacing, margin_mm, spacing / 2 if s % 4 == 3 else 0.0
+        )
+        ni, nj, nk = geometry.size
+        centres = apply_affine(
+            geometry.affine,
+            np.stack([np.full(nk, (ni - 1) / 2.0), np.full(nk, (nj - 1) / 2.0), np.arange(nk)], -1),
+        )
+        rot, trans = _slice_motion(rng, nk, max_rotation_deg, max_translation_mm)
+        mis_rot = _random_unit(rng) * np.deg2rad(stack_misalignment_deg)
+        mis_trans = _random_unit(rng) * stack_misalignment_mm
+        matrices, translations = _compose_misalignment(
+            centres, rot, trans, mis_rot, mis_trans, geometry.centre
+        )
+        factors = np.ones(nk)
+        dropped = rng.choice(nk, size=int(round(dropout * nk)), replace=False)
+        factors[dropped] = rng.uniform(*DROPOUT_FACTOR_RANGE, size=len(dropped))
+
+        signal = sample_slices_psf(
+            volume_array,
+            world_to_index,
+            geometry.affine,
+            geometry.size,
+            np.arange(nk),
+            matrices,
+            translations,
+            sigma,
+            psf_step,
+        )
+        signal *= factors[:, None, None]
+        if noise_sigma > 0:
+            signal = np.hypot(
+                signal + rng.normal(0.0, noise_sigma, signal.shape),
+                rng.normal(0.0, noise_sigma, signal.shape),
+            )
+        stack_mask = sample_slices_nearest_mask(
+            mask_array, world_to_index, geometry.affine, geometry.size, matrices, translations
+        )
+
+        stack_name, mask_name = f"stack_{s:02d}.nii.gz", f"mask_{s:02d}.nii.gz"
+        _write_atomic_image(_image(signal.astype(np.float32), geometry.affine), out_dir / stack_name)
+        _write_atomic_image(_image(stack_mask, geometry.affine), out_dir / mask_name)
+        stack_paths.append(str(out_dir / stack_name))
+        mask_paths.append(str(out_dir / mask_name))
+        rotvecs = matrix_to_rotvec(matrices)
+        stacks_json.append(
+            {
+                "path": stack_name,
+                "mask_path": mask_name,
+                "thickness": thickness,
+                "spacing": spacing,
+                "in_plane": in_plane,
+                "size": list(geometry.size),
+                "affine": geometry.affine.tolist(),
+                "misalignment": {
+                    "rotation": mis_rot.tolist(),
+                    "translation": mis_trans.tolist(),
+                    "centre": geometry.centre.tolist(),
+                },
+                "slices": [
+                    {
+                        "k": k,
+                        "centre": centres[k].tolist(),
+                        "rotation": rotvecs[k].tolist(),
+                        "translation": translations[k].tolist(),
+                        "dropout": bool(factors[k] < 1.0),
+                        "dropout_factor": float(factors[k]),
+                    }
+                    for k in range(nk)
+                ],
+            }
+        )
+    settings = {
+        "n_stacks": n_stacks,
+        "in_plane": in_plane,
+        "thickness": thickness,
+        "spacing": spacing,
+        "max_rotation_deg": max_rotation_deg,
+        "max_translation_mm": max_translation_mm,
+        "noise": noise,
+        "noise_sigma": noise_sigma,
+        "dropout": dropout,
+        "oblique": oblique,
+        "stack_misalignment_deg": stack_misalignment_deg,
+        "stack_misalignment_mm": stack_misalignment_mm,
+        "seed": seed,
+        "psf_step": psf_step,
+        "in_plane_factor": in_plane_factor,
+        "margin_mm": margin_mm,
+    }
+    transforms_path = out_dir / "transforms.json"
+    _write_atomic_json({"stacks": stacks_json, "settings": settings}, transforms_path)
+    return SimulationResult(stack_paths, mask_paths, str(transforms_path))
+
+
+def read_transforms(path: str | Path) -> dict[str, Any]:
+    """transforms.json with each stack's ``path`` and ``mask_path`` made absolute."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    for stack in data["stacks"]:
+        stack["path"] = str(path.parent / stack["path"])
+        stack["mask_path"] = str(path.parent / stack["mask_path"])
+    return data
+
+
+def read_truth(path: str | Path) -> list[dict[str, Any]]:
+    """The true slice transforms of transforms.json as a flat list of dicts with a ``stack`` index.
+
+    Each dict: stack, k, centre (3,), rotation (3,) radians, translation (3,) mm, dropout; the form
+    ``metrics.motion_errors`` takes.
+    """
+    data = json.loads(Path(path).read_text())
+    return [{"stack": s, **slice_} for s, stack in enumerate(data["stacks"]) for slice_ in stack["slices"]]
+
+
+def naive_average(stack_paths: list[str], reference: sitk.Image) -> sitk.Image:
+    """Average of the stacks resampled (linear) onto the reference grid: the floor baseline of SVR.
+
+    Each stack is first scaled so that the median of its foreground (voxels above 10 % of its 99th
+    percentile, on the reference grid, where it has support) equals the mean of those medians. A
+    voxel averages the stacks whose field of view covers it; voxels no stack covers are 0.
+    """
+    if not stack_paths:
+        raise InputError(None, "no stack to average")
+    resampled, medians = [], []
+    grid = sitk.Cast(reference, sitk.sitkFloat32)
+    for path in stack_paths:
+        stack = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+        values = sitk.GetArrayFromImage(
+            sitk.Resample(stack, grid, sitk.Transform(), sitk.sitkLinear, float("nan"))
+        )
+        support = np.isfinite(values)
+        inside = values[support]
+        if inside.size == 0:
+            raise InputError(path, "stack does not overlap the reference grid")
+        foreground = inside[inside > 0.1 * np.percentile(inside, 99)]
+        median = float(np.median(foreground)) if foreground.size else 0.0
+        if not median > 0:
+            raise InputError(path, "stack has no positive signal on the reference grid")
+        resampled.append(values)
+        medians.append(median)
+    target = float(np.mean(medians))
+    total = np.zeros(resampled[0].shape)
+    count = np.zeros(resampled[0].shape)
+    for values, median in zip(resampled, medians, strict=True):
+        support = np.isfinite(values)
+        total[support] += values[support] * (target / median)
+        count[support] += 1
+    average = np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
+    image = sitk.GetImageFromArray(average)
+    image.CopyInformation(reference)
+    return image

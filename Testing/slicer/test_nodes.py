@@ -1,0 +1,389 @@
+"""MRML helpers with the real slicer-core wheel: engine files -> nodes (exact RAS geometry, reused
+nodes, ellipsoids), nodes -> worker files, undoing a failed run, and a whole session with the engine."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer_helpers  # noqa: F401  (import paths)
+from scipy.spatial.transform import Rotation
+
+from GaussianSVRLib import progress
+from GaussianSVRSlicer import command, inputs, nodes, params, phantom, session
+from GaussianSVRSlicer.run_state import Outcome
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def oblique_image(values_offset: float = 0.0) -> sitk.Image:
+    voxels = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7) + values_offset
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetOrigin((3.0, -4.0, 5.0))
+    rotation = Rotation.from_rotvec(np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0) * 0.35).as_matrix()
+    image.SetDirection(rotation.ravel().tolist())
+    return image
+
+
+def lps_affine(image: sitk.Image) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return affine
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def slicer_reads(path: Path, scene):
+    """The same file read by Slicer's own volume storage node (the reference for geometry)."""
+    import slicer
+
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    assert storage.ReadData(node)
+    return node
+
+
+def write_gaussians(path: Path, means_lps, covariances_lps, intensities) -> Path:
+    np.savez(path, means=means_lps, covariances=covariances_lps, intensities=intensities, space=np.array("LPS"))
+    return path
+
+
+# -- checkpoint volume -> volume node ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
+def test_checkpoint_volume_gets_exact_oblique_geometry(scene, tmp_path, extension):
+    import slicer
+
+    path = tmp_path / f"preview{extension}"
+    sitk.WriteImage(oblique_image(), str(path))
+    written = sitk.ReadImage(str(path))  # the file's own precision (NIfTI stores float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    nodes.load_volume_into(node, path)
+
+    np.testing.assert_allclose(ijk_to_ras(node), LPS_TO_RAS @ lps_affine(written), atol=1e-9)
+    np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(slicer_reads(path, scene)), atol=1e-5)
+    voxels = slicer.util.arrayFromVolume(node)
+    for i, j, k in [(0, 0, 0), (6, 0, 0), (0, 5, 0), (0, 0, 4), (3, 2, 1)]:
+        lps = np.asarray(written.TransformIndexToPhysicalPoint((i, j, k)))
+        np.testing.assert_allclose(ijk_to_ras(node) @ [i, j, k, 1.0], [-lps[0], -lps[1], lps[2], 1.0], atol=1e-9)
+        assert voxels[k, j, i] == written.GetPixel(i, j, k)
+    assert node.GetDisplayNode() is not None
+
+
+def test_repeated_checkpoints_update_the_same_volume_node(scene, tmp_path):
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "output")
+    first, second = tmp_path / "a.nrrd", tmp_path / "b.nrrd"
+    sitk.WriteImage(oblique_image(), str(first))
+    moved = oblique_image(values_offset=1000.0)
+    moved.SetOrigin((10.0, 11.0, 12.0))
+    sitk.WriteImage(moved, str(second))
+
+    nodes.load_volume_into(node, first)
+    count = scene.GetNumberOfNodes()
+    nodes.load_volume_into(node, second)
+
+    assert scene.GetNumberOfNodes() == count
+    assert slicer.util.arrayFromVolume(node).min() == 1000.0
+    np.testing.assert_allclose(ijk_to_ras(node)[:3, 3], [-10.0, -11.0, 12.0])
+
+
+# -- Gaussians -> ellipsoid model node -------------------------------------------------------------------
+
+
+def test_gaussians_become_ellipsoids_in_ras(tmp_path):
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    rotation = Rotation.from_rotvec([0.3, -0.5, 0.8]).as_matrix()
+    covariance = rotation @ np.diag([4.0, 1.0, 0.25]) @ rotation.T
+    means = np.array([[10.0, 20.0, 30.0], [-5.0, 0.0, 2.0]])
+    path = write_gaussians(tmp_path / "g.npz", means, np.stack([covariance, np.eye(3)]), np.array([2.0, 1.0]))
+    gaussians = nodes.read_gaussians(path)
+    surface = nodes.ellipsoid_polydata(gaussians, scale=1.0, max_count=10)
+    xyz = vtk_to_numpy(surface.GetPoints().GetData())
+    per_glyph = len(xyz) // 2
+    first = xyz[:per_glyph]  # the larger-mass Gaussian comes first
+    mean_ras = means[0] * [-1, -1, 1]
+    covariance_ras = covariance * np.outer([-1, -1, 1], [-1, -1, 1])
+    np.testing.assert_allclose(first.mean(axis=0), mean_ras, atol=1e-5)
+    offsets = first - mean_ras
+    mahalanobis = np.einsum("pi,ij,pj->p", offsets, np.linalg.inv(covariance_ras), offsets)
+    np.testing.assert_allclose(mahalanobis, 1.0, rtol=1e-5)  # every vertex on the 1-sigma ellipsoid (float32)
+    half = nodes.ellipsoid_polydata(gaussians, scale=0.5, max_count=10)
+    half_first = vtk_to_numpy(half.GetPoints().GetData())[:per_glyph] - mean_ras
+    np.testing.assert_allclose(np.einsum("pi,ij,pj->p", half_first, np.linalg.inv(covariance_ras), half_first), 0.25, rtol=1e-5)
+
+
+def test_model_node_is_shown_in_3d_and_slices_and_reused(scene, tmp_path):
+    path = write_gaussians(tmp_path / "g.npz", np.zeros((3, 3)), np.tile(np.eye(3), (3, 1, 1)), np.ones(3))
+    gaussians = nodes.read_gaussians(path)
+    model = scene.AddNewNodeByClass("vtkMRMLModelNode")
+    nodes.update_model_node(model, nodes.ellipsoid_polydata(gaussians, 1.0, 3))
+    display = model.GetDisplayNode()
+    assert display is not None and display.GetVisibility2D() and display.GetVisibility()
+    count, points = scene.GetNumberOfNodes(), model.GetMesh().GetNumberOfPoints()
+
+    nodes.update_model_node(model, nodes.ellipsoid_polydata(gaussians, 1.0, 1))
+    nodes.set_model_visibility(model, False)
+    assert scene.GetNumberOfNodes() == count and model.GetDisplayNode() is display
+    assert model.GetMesh().GetNumberOfPoints() == points // 3
+    assert not display.GetVisibility()
+
+
+def test_glyph_selection_ranks_by_signal():
+    covariances = np.stack([np.eye(3) * s for s in (1.0, 8.0, 1.0, 0.0)])
+    gaussians = nodes.Gaussians(np.zeros((4, 3)), covariances, np.array([1.0, 1.0, -3.0, 50.0]))
+    # signal |c| sqrt(det C): 1, 22.6, 3, 0
+    assert nodes.glyph_selection(gaussians, 3).tolist() == [1, 2, 0]
+    assert nodes.glyph_selection(gaussians, 0).tolist() == []
+
+
+def test_gaussians_in_an_unknown_space_are_refused(tmp_path):
+    path = tmp_path / "g.npz"
+    np.savez(path, means=np.zeros((1, 3)), covariances=np.eye(3)[None], intensities=np.ones(1), space=np.array("XYZ"))
+    with pytest.raises(ValueError, match="XYZ"):
+        nodes.read_gaussians(path)
+
+
+# -- nodes -> worker files --------------------------------------------------------------------------------
+
+
+def test_exported_stack_keeps_world_geometry_under_a_linear_transform(scene, tmp_path):
+    import slicer
+
+    voxels, matrix = phantom.orthogonal_stacks()[1]
+    oblique = matrix.copy()
+    oblique[:3, :3] = Rotation.from_rotvec([0.1, 0.2, -0.3]).as_matrix() @ matrix[:3, :3]
+    stack = slicer.util.addVolumeFromArray(voxels, ijkToRAS=oblique, name="coronal")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = Rotation.from_rotvec([0.0, 0.0, 0.4]).as_matrix()
+    to_parent[:3, 3] = [5.0, -2.0, 7.0]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
+    stack.SetAndObserveTransformNodeID(transform.GetID())
+
+    (files,) = inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path)
+    assert files.mask is None and files.thickness == 3.0
+    written = sitk.ReadImage(str(files.image))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), voxels)
+    world = to_parent @ oblique
+    for i, j, k in [(0, 0, 0), (31, 0, 0), (0, 31, 15), (7, 9, 11)]:
+        lps = written.TransformIndexToPhysicalPoint((i, j, k))
+        np.testing.assert_allclose([-lps[0], -lps[1], lps[2]], (world @ [i, j, k, 1.0])[:3], atol=1e-9)
+
+
+def test_a_non_linear_parent_transform_is_refused(scene):
+    import slicer
+    import vtk
+
+    voxels, matrix = phantom.orthogonal_stacks()[0]
+    stack = slicer.util.addVolumeFromArray(voxels, ijkToRAS=matrix, name="axial")
+    spline = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for point in [(0, 0, 0), (10, 0, 0), (0, 10, 0), (0, 0, 10)]:
+        source.InsertNextPoint(point)
+        target.InsertNextPoint([c + (1.0 if c else 0.0) for c in point])
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    transform.SetAndObserveTransformToParent(spline)
+    stack.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(inputs.InputProblem, match="Harden transform"):
+        inputs.volume_to_image(stack)
+
+
+def test_segmentation_and_label_map_masks(scene, tmp_path):
+    import slicer
+
+    stacks = []
+    for index, (voxels, matrix) in enumerate(phantom.orthogonal_stacks()[:2]):
+        stacks.append(slicer.util.addVolumeFromArray(voxels, ijkToRAS=matrix, name=f"stack{index}"))
+    labels = (slicer.util.arrayFromVolume(stacks[0]) > 50).astype(np.uint8)
+    labelmap = slicer.util.addVolumeFromArray(
+        labels, ijkToRAS=phantom.orthogonal_stacks()[0][1], nodeClassName="vtkMRMLLabelMapVolumeNode"
+    )
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+
+    rows = [inputs.StackInput(stacks[0], segmentation, 3.0), inputs.StackInput(stacks[1], None, 3.0)]
+    files = inputs.export_stacks(rows, tmp_path)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0].mask)))
+    np.testing.assert_array_equal(mask, labels)  # on the stack's grid, same voxels
+    full = sitk.ReadImage(str(files[1].mask))
+    assert sitk.GetArrayFromImage(full).all() and full.GetSize() == sitk.ReadImage(str(files[1].image)).GetSize()
+
+    files = inputs.export_stacks([inputs.StackInput(stacks[0], labelmap, 3.0)], tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(files[0].mask))), labels)
+
+
+def test_input_problems_are_reported_before_any_run(scene, tmp_path):
+    import slicer
+
+    voxels, matrix = phantom.orthogonal_stacks()[0]
+    stack = slicer.util.addVolumeFromArray(voxels, ijkToRAS=matrix)
+    with pytest.raises(inputs.InputProblem, match="at least one stack"):
+        inputs.export_stacks([], tmp_path)
+    with pytest.raises(inputs.InputProblem, match="thickness"):
+        inputs.export_stacks([inputs.StackInput(stack, None, 0.0)], tmp_path)
+    assert inputs.default_thickness(stack) == pytest.approx(3.0)
+
+
+# -- undoing a failed run ---------------------------------------------------------------------------------
+
+
+def test_scene_changes_rollback_restores_the_scene(scene, tmp_path):
+    import slicer
+
+    existing = slicer.util.addVolumeFromArray(np.full((2, 3, 4), 7.0, dtype=np.float32), ijkToRAS=np.diag([2, 2, 2, 1.0]))
+    before = scene.GetNumberOfNodes()
+    changes = nodes.SceneChanges(scene)
+    changes.will_modify(existing)
+    path = tmp_path / "v.nrrd"
+    sitk.WriteImage(oblique_image(), str(path))
+    nodes.load_volume_into(existing, path)
+    created = scene.AddNewNodeByClass("vtkMRMLModelNode")
+    changes.created(created)
+
+    changes.rollback()
+    assert scene.GetNumberOfNodes() == before and not scene.IsNodePresent(created)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(existing), 7.0)
+    np.testing.assert_allclose(ijk_to_ras(existing), np.diag([2, 2, 2, 1.0]))
+
+
+# -- a whole session -------------------------------------------------------------------------------------
+
+
+def tiny_request(scene, **changes) -> session.Request:
+    import slicer
+
+    stacks = []
+    for index, (voxels, matrix) in enumerate(phantom.orthogonal_stacks()):
+        node = slicer.util.addVolumeFromArray(voxels, ijkToRAS=matrix, name=f"stack {index}")
+        stacks.append(inputs.StackInput(node, None, 3.0))
+    settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
+    settings.update(
+        preset=params.Preset.PREVIEW, nGaussians=2000, kNeighbours=8, iterations=20,
+        device=params.Device.CPU, outputResolution=1.5,
+    )  # fmt: skip
+    request = session.Request(stacks=stacks, settings=settings, glyphs=session.GlyphStyle(1.0, 300, True))
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def test_session_with_the_engine_fills_and_then_reuses_the_output_nodes(scene, tmp_path):
+    import slicer
+
+    shown = []
+    run = session.ReconstructionSession(
+        scene, tiny_request(scene), tmp_path / "run1", python=[sys.executable], on_first_preview=shown.append
+    )
+    run.start()
+    state = run.wait(timeout_s=240)
+    assert state.outcome is Outcome.DONE, state.failure_details()
+    volume, model = run.output_volume, run.gaussians_model
+    assert shown == [volume]
+    voxels = slicer.util.arrayFromVolume(volume)
+    assert voxels.max() > 0
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    assert all(bounds[2 * a] < 0.0 < bounds[2 * a + 1] for a in range(3))  # the phantom is at the origin
+    assert 0 < model.GetMesh().GetNumberOfPoints()
+    assert model.GetDisplayNode().GetVisibility2D()
+    assert len(run.report["stacks"]) == 3
+
+    again = tiny_request(scene, output_volume=volume, gaussians_model=model, output_folder=tmp_path)
+    count = scene.GetNumberOfNodes()
+    second = session.ReconstructionSession(scene, again, tmp_path / "run2", python=[sys.executable])
+    second.start()
+    assert second.wait(timeout_s=240).outcome is Outcome.DONE
+    assert second.output_volume is volume and second.gaussians_model is model
+    assert scene.GetNumberOfNodes() == count
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    name = command.safe_file_name(volume.GetName())
+    assert saved == sorted([f"{name}.nii.gz", f"{name}_gaussians.vtp", f"{name}_gaussians.npz", f"{name}_report.json"])
+
+    second.restyle_gaussians(session.GlyphStyle(0.5, 10, True))
+    per_glyph = model.GetMesh().GetNumberOfPoints() // 10
+    assert per_glyph > 0 and model.GetMesh().GetNumberOfPoints() == 10 * per_glyph
+    second.restyle_gaussians(session.GlyphStyle(0.5, 10, False))
+    assert not model.GetDisplayNode().GetVisibility()
+
+
+def crashing_worker(tmp_path: Path, volume: Path, gaussians: Path) -> list[str]:
+    """A worker that shows one checkpoint, then crashes: the session must undo the preview."""
+    script = tmp_path / "crash.py"
+    checkpoint = progress.encode("checkpoint", iter=1, volume=str(volume), gaussians=str(gaussians), ellipsoids=None)
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            print({progress.encode("started", device="cpu", total=10)!r}, flush=True)
+            print({checkpoint!r}, flush=True)
+            time.sleep(0.5)
+            print("about to fail", file=sys.stderr, flush=True)
+            sys.exit(3)
+            """
+        ),
+        encoding="utf-8",
+    )
+    return [sys.executable, str(script)]
+
+
+def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
+    import slicer
+
+    sitk.WriteImage(oblique_image(), str(tmp_path / "preview.nrrd"))
+    write_gaussians(tmp_path / "g.npz", np.zeros((2, 3)), np.tile(np.eye(3), (2, 1, 1)), np.ones(2))
+    output = slicer.util.addVolumeFromArray(np.full((2, 3, 4), 5.0, dtype=np.float32), name="previous result")
+    request = tiny_request(scene, output_volume=output)
+    before = scene.GetNumberOfNodes()
+    run = session.ReconstructionSession(
+        scene, request, tmp_path / "run", python=crashing_worker(tmp_path, tmp_path / "preview.nrrd", tmp_path / "g.npz"),
+        preview_interval_s=0.0,
+    )  # fmt: skip
+    run.start()
+    while run.previews_shown == 0 and not run.finished:
+        run.poll()
+    assert slicer.util.arrayFromVolume(output).shape == (5, 6, 7)  # the preview was shown
+    state = run.wait(timeout_s=30)
+
+    assert state.outcome is Outcome.FAILED and state.returncode == 3
+    assert "about to fail" in state.failure_details()
+    assert scene.GetNumberOfNodes() == before
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), 5.0)
+    assert run.output_volume is output and run.gaussians_model is None
+
+
+def test_a_worker_of_another_protocol_version_is_stopped(scene, tmp_path):
+    script = tmp_path / "old.py"
+    script.write_text(
+        "import json, time\n"
+        "print(json.dumps({'v': 0, 'type': 'started'}), flush=True)\n"
+        "for _ in range(600):\n"
+        "    time.sleep(0.1)\n",
+        encoding="utf-8",
+    )
+    run = session.ReconstructionSession(
+        scene, tiny_request(scene), tmp_path / "run", python=[sys.executable, str(script)], grace_s=0.5
+    )
+    run.start()
+    state = run.wait(timeout_s=30)
+    assert state.outcome is Outcome.FAILED and "protocol version 0" in state.failure_summary()
+    assert run.worker.killed  # it ignored the cancel
