@@ -16,9 +16,14 @@ from pathlib import Path
 import qt
 import slicer
 import vtk
+from GaussianSVRSlicer import command
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Decimals, SlicerParameterNamePropertyName, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (
+    SlicerParameterNamePropertyName,
+    WithinRange,
+    parameterNodeWrapper,
+)
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -26,8 +31,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-from GaussianSVRSlicer import command
 
 command.ensure_engine_importable()
 
@@ -69,7 +72,8 @@ class GaussianSVR(ScriptedLoadableModule):
             "See the README of the GaussianSVR extension."
         )
         self.parent.acknowledgementText = _(
-            "Method after 'Gaussian Splatting for slice-to-volume reconstruction'; test data from CC0 fetal atlases."
+            "Method after 'Gaussian Splatting for slice-to-volume reconstruction'; "
+            "test data from CC0 fetal atlases."
         )
 
 
@@ -77,7 +81,7 @@ GaussianSVRParameterNode = parameterNodeWrapper(
     type(
         "GaussianSVRParameterNode",
         (),
-        params.parameter_namespace(lambda name: getattr(slicer, name), WithinRange, Decimals),
+        params.parameter_namespace(lambda name: getattr(slicer, name), WithinRange),
     )
 )
 
@@ -102,7 +106,11 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        bound = {w.property(PARAMETER_PROPERTY): w for w in uiWidget.findChildren(qt.QWidget) if w.property(PARAMETER_PROPERTY)}
+        bound = {
+            w.property(PARAMETER_PROPERTY): w
+            for w in uiWidget.findChildren(qt.QWidget)
+            if w.property(PARAMETER_PROPERTY)
+        }
         for spec in params.all_settings():
             bound[spec.name].toolTip = spec.tooltip
 
@@ -116,7 +124,9 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.addStackButton.connect("clicked(bool)", lambda _checked: self.stackTable.add_row())
-        self.ui.removeStackButton.connect("clicked(bool)", lambda _checked: self.stackTable.remove_current_row())
+        self.ui.removeStackButton.connect(
+            "clicked(bool)", lambda _checked: self.stackTable.remove_current_row()
+        )
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -133,7 +143,9 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
 
     def onReload(self) -> None:
         for name in HELPER_MODULES:
@@ -162,7 +174,9 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
+            )
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._lastPreset = self._parameterNode.preset
@@ -183,7 +197,9 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             rows = self._rowsFromParameters()
             if not same_rows(rows, self.stackTable.rows()):
                 self.stackTable.set_rows(rows)
-        self.ui.costLabel.text = _("{cost:.1f} x Standard").format(cost=params.relative_cost(self._settings()))
+        self.ui.costLabel.text = _("{cost:.1f} x Standard").format(
+            cost=params.relative_cost(self._settings())
+        )
         self.ui.outputFolderButton.enabled = p.saveToFolder
         style = self._glyphStyle()
         if self.logic.session is not None and style != self._lastStyle:
@@ -229,9 +245,15 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = (
             _("Stop the reconstruction (the last preview is kept)")
             if busy
-            else _("Run the reconstruction") if rows else _("Add at least one stack and tick Use")
+            else _("Run the reconstruction")
+            if rows
+            else _("Add at least one stack and tick Use")
         )
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton, self.ui.parametersCollapsibleButton):
+        for widget in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.outputsCollapsibleButton,
+            self.ui.parametersCollapsibleButton,
+        ):
             widget.enabled = not busy
 
     # -- running ---------------------------------------------------------------------------------
@@ -250,7 +272,9 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._log(_("PyTorch is needed; it was not installed."))
                     return
                 if step.action is deps.Action.INSTALL_FAISS:
-                    if slicer.util.confirmYesNoDisplay(_("{reason}. Install it now? Its log appears under Log.").format(reason=step.reason)):
+                    if slicer.util.confirmYesNoDisplay(
+                        _("{reason}. Install it now? Its log appears under Log.").format(reason=step.reason)
+                    ):
                         self._startPip()
                         return  # the reconstruction starts when pip has finished
                     self._faissDeclined = True
@@ -258,7 +282,11 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startPip(self) -> None:
         self.ui.logCollapsibleButton.collapsed = False
-        self._log(_("Installing {requirement} (Slicer's numpy is pinned)...").format(requirement=deps.FAISS_REQUIREMENT))
+        self._log(
+            _("Installing {requirement} (Slicer's numpy is pinned)...").format(
+                requirement=deps.FAISS_REQUIREMENT
+            )
+        )
         self._pipWorker = self.logic.startFaissInstall()
         self.timer.start()
         self._updateApplyButton()
@@ -273,17 +301,23 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in self._pipWorker.poll():
             if event.kind is runner.EventKind.EXITED:
                 ok = event.returncode == 0
-                self._log(_("faiss-cpu installed.") if ok else _("faiss-cpu could not be installed; going on without it."))
+                self._log(
+                    _("faiss-cpu installed.")
+                    if ok
+                    else _("faiss-cpu could not be installed; going on without it.")
+                )
                 self._faissDeclined = not ok
                 self._pipWorker = None
                 self.timer.stop()
-                with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
+                with slicer.util.tryWithErrorDisplay(
+                    _("Failed to start the reconstruction."), waitCursor=True
+                ):
                     self._startReconstruction()
                 return
             self._log(event.text)
 
     def _startReconstruction(self) -> None:
-        self.ui.logTextEdit.clear()
+        self._log(_("--- reconstruction started {time} ---").format(time=time.strftime("%H:%M:%S")))
         self._logShown = 0
         self.ui.qcTextBrowser.setHtml(_("Reconstruction running..."))
         try:
@@ -391,9 +425,11 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
         firstStack = request.stacks[0].volume if request.stacks else None
 
         def showPreview(volumeNode):
-            slicer.util.setSliceViewerLayers(background=firstStack, foreground=volumeNode, foregroundOpacity=0.5, fit=True)
+            slicer.util.setSliceViewerLayers(
+                background=firstStack, foreground=volumeNode, foregroundOpacity=0.5, fit=True
+            )
 
-        self.session = session.ReconstructionSession(
+        run = session.ReconstructionSession(
             slicer.mrmlScene,
             request,
             workDir,
@@ -402,8 +438,13 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
             render_blocker=slicer.util.RenderBlocker,
             on_first_preview=showPreview,
         )
-        self.session.start()
-        return self.session
+        try:
+            run.start()
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        self.session = run  # the previous session is kept until here: its Gaussians can still be restyled
+        return run
 
     def cancel(self) -> None:
         if self.session is not None:
@@ -448,26 +489,56 @@ class GaussianSVRTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_widget_table_and_presets()
+        self.setUp()
         self.test_reconstruct_phantom()
         self.setUp()
         self.test_cancel()
 
     def _request(self, iterations):
+        """Three orthogonal 16 x 16 x 10 stacks of the phantom; tiny CPU settings."""
         stacks = []
-        for index, (voxels, ijkToRAS) in enumerate(phantom.orthogonal_stacks()):
-            node = slicer.util.addVolumeFromArray(voxels, ijkToRAS=ijkToRAS, name=f"phantom stack {index + 1}")
+        phantomStacks = phantom.orthogonal_stacks(fov_mm=40.0, in_plane_mm=2.5, slice_mm=4.0)
+        for index, (voxels, ijkToRAS) in enumerate(phantomStacks):
+            name = f"phantom stack {index + 1}"
+            node = slicer.util.addVolumeFromArray(voxels, ijkToRAS=ijkToRAS, name=name)
             stacks.append(StackInput(node, None, float(node.GetSpacing()[2])))
         settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
         settings.update(
-            preset=params.Preset.PREVIEW, nGaussians=2000, kNeighbours=8, iterations=iterations, device=params.Device.CPU,
-            outputResolution=1.5,
+            preset=params.Preset.PREVIEW,
+            nGaussians=500,
+            kNeighbours=8,
+            iterations=iterations,
+            device=params.Device.CPU,
+            outputResolution=2.5,
+            previewInterval=1.0,
         )
-        return session.Request(stacks=stacks, settings=settings, glyphs=session.GlyphStyle(1.0, 500, True))
+        return session.Request(stacks=stacks, settings=settings, glyphs=session.GlyphStyle(1.0, 300, True))
+
+    def test_widget_table_and_presets(self):
+        self.delayDisplay("Stack table, parameter node and presets")
+        widget = slicer.util.getModuleWidget("GaussianSVR")  # works without a main window (--testing)
+        widget.enter()
+        volumes = [stack.volume for stack in self._request(iterations=10).stacks]
+        widget.stackTable.set_rows([])
+        for volume in volumes:
+            widget.stackTable.add_row(volume)
+        p = widget.logic.getParameterNode()
+        self.assertEqual([node.GetID() for node in p.stacks], [node.GetID() for node in volumes])
+        self.assertEqual(list(p.thicknesses), [4.0, 4.0, 4.0])  # prefilled from the slice spacing
+        p.includeStacks = [True, False, True]
+        self.assertEqual([row.include for row in widget.stackTable.rows()], [True, False, True])
+        self.assertEqual(len(widget.logic.request(p).stacks), 2)
+        p.preset = params.Preset.HIGH
+        self.assertEqual(p.nGaussians, params.PRESETS[params.Preset.HIGH]["nGaussians"])
+        self.assertEqual(widget.ui.nGaussiansSpinBox.value, p.nGaussians)
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.delayDisplay("Widget test passed")
 
     def test_reconstruct_phantom(self):
         self.delayDisplay("Reconstructing a phantom from three orthogonal stacks")
         logic = GaussianSVRLogic()
-        run = logic.startReconstruction(None, self._request(iterations=30))
+        run = logic.startReconstruction(None, self._request(iterations=10))
         state = run.wait(timeout_s=600, process_events=slicer.app.processEvents)
         self.assertEqual(state.outcome, Outcome.DONE, state.failure_details())
         volume = run.output_volume

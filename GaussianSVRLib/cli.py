@@ -44,11 +44,21 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="reconstruct a volume from stacks of slices")
     p.add_argument("--input-stacks", nargs="+", required=True, metavar="S", help="stacks (NIfTI/NRRD)")
     p.add_argument("--stack-masks", nargs="+", metavar="M", help="one brain mask per stack")
-    p.add_argument("--thicknesses", nargs="+", type=positive_float, metavar="T",
-                   help="slice thickness (mm) per stack, or one for all; default: BIDS sidecar, else spacing")
+    p.add_argument(
+        "--thicknesses",
+        nargs="+",
+        type=positive_float,
+        metavar="T",
+        help="slice thickness (mm) per stack, or one for all; default: BIDS sidecar, else spacing",
+    )
     p.add_argument("--output-volume", required=True, metavar="V", help="output volume (.nii.gz, .nrrd, ...)")
-    p.add_argument("--output-resolution", type=positive_float, default=None, metavar="R",
-                   help="isotropic output voxel size in mm (default 0.8)")
+    p.add_argument(
+        "--output-resolution",
+        type=positive_float,
+        default=None,
+        metavar="R",
+        help="isotropic output voxel size in mm (default 0.8)",
+    )
     p.add_argument("--output-gaussians", metavar="G", help="Gaussians: writes G.npz and G.vtp (ellipsoids)")
     p.add_argument("--output-json", metavar="J", help="JSON report: settings, timings, per-slice QC")
     p.add_argument("--preview-dir", metavar="D", help="folder for live previews (checkpoints)")
@@ -64,10 +74,19 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false", default=None)
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None)
     p.add_argument("--reference-stack", type=int, default=None, help="index of the reference stack (0-based)")
-    p.add_argument("--checkpoint-interval", dest="checkpoint_interval_s", type=positive_float, default=None,
-                   help="seconds between previews")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                   help="bar: tqdm on a terminal; json: one protocol message per line on stdout")
+    p.add_argument(
+        "--checkpoint-interval",
+        dest="checkpoint_interval_s",
+        type=positive_float,
+        default=None,
+        help="seconds between previews",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        default="bar",
+        help="bar: tqdm on a terminal; json: one protocol message per line on stdout",
+    )
     p.add_argument("--stop-file", metavar="F", help="stop (cancel) when this file appears")
     p.set_defaults(run=run_reconstruct)
 
@@ -103,7 +122,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="simulate-and-reconstruct on the bundled atlas, and the real stacks")
     p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--data-dir", default=None, help="the bundled data folder (default: the repository's data/)")
+    p.add_argument(
+        "--data-dir", default=None, help="the bundled data folder (default: the repository's data/)"
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(run=run_demo)
@@ -122,9 +143,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """The preset, overridden by every flag that was given."""
     changes = {
         name: getattr(args, name)
-        for name in ("device", "seed", "n_gaussians", "k_neighbours", "iterations", "batch_pixels",
-                     "scale_regularization", "psf_mode", "coarse_to_fine", "prealign", "reference_stack",
-                     "checkpoint_interval_s", "output_resolution")
+        for name in (
+            "device",
+            "seed",
+            "n_gaussians",
+            "k_neighbours",
+            "iterations",
+            "batch_pixels",
+            "scale_regularization",
+            "psf_mode",
+            "coarse_to_fine",
+            "prealign",
+            "reference_stack",
+            "checkpoint_interval_s",
+            "output_resolution",
+        )
         if getattr(args, name, None) is not None
     }
     return preset(args.preset).updated(**changes)
@@ -163,9 +196,15 @@ class BarEvents:
         from tqdm import tqdm
 
         if kind == "started":
-            log.info("%s on %s: %d stacks, %d slices, %d pixels, %d Gaussians", "reconstructing",
-                     fields["device"], fields["n_stacks"], fields["n_slices"], fields["n_pixels"],
-                     fields["n_gaussians"])
+            log.info(
+                "%s on %s: %d stacks, %d slices, %d pixels, %d Gaussians",
+                "reconstructing",
+                fields["device"],
+                fields["n_stacks"],
+                fields["n_slices"],
+                fields["n_pixels"],
+                fields["n_gaussians"],
+            )
             self.bar = tqdm(total=fields["total"], unit="it", disable=None, file=sys.stderr)
         elif kind == "progress" and self.bar is not None:
             self.bar.set_postfix(loss=f"{fields['loss']:.4f}", stage=fields["stage"], refresh=False)
@@ -188,13 +227,16 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     stop = StopSignal(args.stop_file, watch_stdin=args.progress == "json")
     outputs = Outputs(args.output_volume, args.output_gaussians, args.output_json, args.preview_dir)
     try:
-        result = reconstruct(args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs,
-                             events, stop)
+        result = reconstruct(
+            args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs, events, stop
+        )
     finally:
         if bar is not None:
             bar.close()
     if emitter is not None:
-        emitter("done", cancelled=result.cancelled, elapsed_s=result.report["timings"]["total_s"], **result.paths)
+        emitter(
+            "done", cancelled=result.cancelled, elapsed_s=result.report["timings"]["total_s"], **result.paths
+        )
     if result.cancelled:
         print("cancelled: no output written; the last preview is kept", file=sys.stderr)
         return EXIT_CANCELLED
@@ -215,10 +257,19 @@ def run_simulate(args: argparse.Namespace) -> int:
     from .stacks import read_image
 
     result = simulate_stacks(
-        read_image(args.volume, "volume"), read_image(args.mask, "mask"), args.output_dir,
-        n_stacks=args.n_stacks, in_plane=args.in_plane, thickness=args.thickness, spacing=args.spacing,
-        max_rotation_deg=args.max_rotation, max_translation_mm=args.max_translation, noise=args.noise,
-        dropout=args.dropout, oblique=args.oblique, seed=args.seed,
+        read_image(args.volume, "volume"),
+        read_image(args.mask, "mask"),
+        args.output_dir,
+        n_stacks=args.n_stacks,
+        in_plane=args.in_plane,
+        thickness=args.thickness,
+        spacing=args.spacing,
+        max_rotation_deg=args.max_rotation,
+        max_translation_mm=args.max_translation,
+        noise=args.noise,
+        dropout=args.dropout,
+        oblique=args.oblique,
+        seed=args.seed,
     )
     del sitk
     for path in result.stack_paths:
@@ -232,8 +283,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate
     from .stacks import read_image
 
-    metrics = evaluate(read_image(args.volume, "volume"), read_image(args.reference, "reference"),
-                       read_image(args.mask, "mask"), align=args.align)
+    metrics = evaluate(
+        read_image(args.volume, "volume"),
+        read_image(args.reference, "reference"),
+        read_image(args.mask, "mask"),
+        align=args.align,
+    )
     scalar = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
     print(json.dumps(scalar, indent=2))
     if args.output_json:
@@ -249,8 +304,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     json_mode = getattr(args, "progress", None) == "json"
     try:
         return args.run(args)
@@ -260,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gaussiansvr: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except MemoryError:
-        message = "out of memory: use fewer Gaussians, a smaller --batch-pixels or a coarser --output-resolution"
+        message = (
+            "out of memory: use fewer Gaussians, a smaller --batch-pixels or a coarser --output-resolution"
+        )
         if json_mode:
             Emitter()("error", message=message)
         print(f"gaussiansvr: error: {message}", file=sys.stderr)

@@ -21,7 +21,9 @@ ATLAS = ("atlas/SB_GA28_operated_T2w.nii.gz", "atlas/SB_GA28_operated_brainmask.
 REAL_STACKS = ("sub-01_run-1_T2w", "sub-01_run-2_T2w", "sub-01_run-3_T2w", "sub-01_run-6_T2w")
 
 
-def reconstruct_case(name: str, stacks: list[str], masks: list[str], out: Path, preset_name: str, device: str):
+def reconstruct_case(
+    name: str, stacks: list[str], masks: list[str], out: Path, preset_name: str, device: str
+):
     """Reconstruct one case into out/: volume, Gaussians (.npz, .vtp), report and montage."""
     out.mkdir(parents=True, exist_ok=True)
     outputs = Outputs(str(out / "volume.nii.gz"), str(out / "gaussians.vtp"), str(out / "report.json"))
@@ -53,7 +55,9 @@ def run(output_dir: str, data_dir: str | None, preset_name: str, device: str) ->
     write_json(metrics, simulated / "metrics.json")
     print("[simulated] against the ground truth (inside the brain mask):")
     for name, values in metrics.items():
-        print(f"  {name:<15} PSNR {values['psnr']:6.2f} dB  SSIM {values['ssim']:.3f}  NCC {values['ncc']:.3f}")
+        print(
+            f"  {name:<15} PSNR {values['psnr']:6.2f} dB  SSIM {values['ssim']:.3f}  NCC {values['ncc']:.3f}"
+        )
 
     real = out / "sub01"
     stacks = [str(data / "sub01" / f"{stem}.nii.gz") for stem in REAL_STACKS]

@@ -10,7 +10,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def choose_device(name: str = "auto") -> torch.device:
-    """"auto" takes CUDA when torch sees a GPU, else the CPU; asking for CUDA without one is an error."""
+    """ "auto" takes CUDA when torch sees a GPU, else the CPU; asking for CUDA without one is an error."""
     if name not in DEVICES:
         raise InputError(None, f"unknown device {name!r}, expected one of {', '.join(DEVICES)}")
     if name == "auto":

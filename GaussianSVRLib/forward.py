@@ -9,6 +9,8 @@ PSF modes:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .psf import convolved_gaussian
@@ -31,15 +33,47 @@ def evaluate(
 
     neighbours (B, K) indexes the N Gaussians: means (N, 3), cov6 (N, 6), cov_det (N,),
     intensities (N,). psf6 (B, 6) is the world PSF covariance of each point's slice, or None to
-    evaluate the volume itself (no PSF, as for the output grid).
+    evaluate the volume itself (no PSF, as for the output grid). On the CPU the fused numba
+    kernel of kernels.py runs when numba is installed (several times faster, see
+    docs/benchmarks.md); elsewhere, plain torch.
     """
-    delta = points[:, None, :] - means[neighbours]
-    cov = cov6[neighbours]
-    det = cov_det[neighbours]
+    if points.device.type == "cpu" and use_fused_kernel():
+        from .kernels import evaluate_fused
+
+        return evaluate_fused(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
+    return evaluate_torch(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
+
+
+def use_fused_kernel() -> bool:
+    """The fused CPU kernel is used when numba is importable, unless GAUSSIANSVR_KERNEL=torch."""
+    from .kernels import available
+
+    return os.environ.get("GAUSSIANSVR_KERNEL", "fused") != "torch" and available()
+
+
+def evaluate_torch(
+    points: torch.Tensor,
+    neighbours: torch.Tensor,
+    means: torch.Tensor,
+    cov6: torch.Tensor,
+    cov_det: torch.Tensor,
+    intensities: torch.Tensor,
+    psf6: torch.Tensor | None = None,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """evaluate() in plain torch on any device (the CUDA path, and the CPU path without numba)."""
+    batch, k = neighbours.shape
+    # One gather of a packed (N, 11) table: the backward of each gather is a scatter-add over
+    # all B*K pairs, by far the slowest part of the step in plain torch.
+    table = torch.cat([means, cov6, cov_det[:, None], intensities[:, None]], -1)
+    gathered = torch.index_select(table, 0, neighbours.reshape(-1)).reshape(batch, k, 11)
+    delta = points[:, None, :] - gathered[..., :3]
+    cov = gathered[..., 3:9]
+    det = gathered[..., 9]
     use_psf = psf6 is not None and mode != "none"
     psf = psf6[:, None, :] if use_psf else torch.zeros_like(cov[:1, :1])
     weights = convolved_gaussian(delta, cov, det, psf, exact=mode != "normalized")
-    values = intensities[neighbours]
+    values = gathered[..., 10]
     if mode == "normalized":
         return (weights * values).sum(-1) / (weights.sum(-1) + NORMALIZATION_DELTA)
     return (weights * values).sum(-1)

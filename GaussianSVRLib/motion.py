@@ -20,7 +20,9 @@ class SliceMotion(nn.Module):
         self.register_buffer("centres", centres.clone())
         self.rotvec = nn.Parameter(rotvec.clone())
         self.translation = nn.Parameter(translation.clone())
-        self.log_scale = nn.Parameter(torch.zeros(centres.shape[0], dtype=centres.dtype, device=centres.device))
+        self.log_scale = nn.Parameter(
+            torch.zeros(centres.shape[0], dtype=centres.dtype, device=centres.device)
+        )
 
     @property
     def n(self) -> int:
@@ -40,12 +42,18 @@ class SliceMotion(nn.Module):
         rotations (M, 3, 3) is passed in so that it is computed once per step, not per pixel.
         """
         return apply_slice_motion(
-            positions, self.centres[slice_id], rotations[slice_id], self.translation[slice_id]
+            positions,
+            self.centres.index_select(0, slice_id),
+            rotations.index_select(0, slice_id),
+            self.translation.index_select(0, slice_id),
         )
 
 
 def compose_rigid(
-    rotation: torch.Tensor, offset: torch.Tensor, slice_rotations: torch.Tensor, translation: torch.Tensor,
+    rotation: torch.Tensor,
+    offset: torch.Tensor,
+    slice_rotations: torch.Tensor,
+    translation: torch.Tensor,
     centres: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice motions (R_i (M, 3, 3), t_i (M, 3)) followed by the map x -> G x + g.

@@ -7,14 +7,16 @@ queries' device; the order within a row is unspecified. Every backend is exact:
   installed faiss has GPU support. faiss is imported lazily: importing it next to torch can clash
   over OpenMP in some processes.
 - ``"kdtree"``: ``scipy.spatial.cKDTree`` queried on all cores (CPU only; other devices round-trip).
-- ``"grid"``: a uniform grid of cells built in torch; each query takes the top-k of the centres in
-  its 3x3x3 cell neighbourhood and keeps them when the k-th distance is within the distance from
-  the query to the boundary of that neighbourhood (then nothing outside can be closer). Queries
-  that fail (sparse region, fewer than k candidates, or far outside the centres) are redone with
-  the 5x5x5 neighbourhood and, if still unproven, by brute force, so the result is always exact;
+- ``"grid"``: centres binned into a uniform grid in torch (any device); each query takes the top-k
+  of the centres in the (2 r + 1)^3 block of cells around its own (r = ``GRID_FIRST_RING``) and
+  keeps them when the k-th distance is within the distance from the query to the block's faces
+  (then no centre outside can be closer). Queries that fail -- sparse regions, fewer than k
+  candidates, queries far outside the centres -- are redone with the block widened (r doubled)
+  until proven; a block spanning the whole grid always is. So the result is exact, never padded;
   only the cost grows for queries far from every centre.
-- ``"torch"``: brute-force squared distances + ``topk`` in query chunks; the reference and the
-  fallback on devices without a faster option.
+- ``"torch"``: brute force in query chunks (squared distances by one matrix product, ``topk``, the
+  shortlist re-ranked by exact differences); the reference and the fallback on devices without
+  a faster option.
 
 All backends process queries in chunks so that temporaries stay under ``MAX_CHUNK_BYTES``.
 ``choose_backend`` picks the fastest backend per device, as measured by bench/bench_neighbours.py.
@@ -22,10 +24,11 @@ All backends process queries in chunks so that temporaries stay under ``MAX_CHUN
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,14 +36,17 @@ import torch
 BACKENDS = ("faiss", "kdtree", "grid", "torch")
 #: Upper bound on the temporaries of one query chunk (bytes).
 MAX_CHUNK_BYTES = 1 << 30
-#: Grid cell edge as a multiple of the radius expected to hold k centres at the mean density;
-#: measured best in bench/bench_neighbours.py (smaller cells -> more queries fail the 3x3x3 proof).
+#: Half-width of the first grid block, in cells (2: 5x5x5 cells), and the block's half-width as a
+#: multiple of the radius expected to hold k centres. 1.2 proves > 99 % of queries in the first
+#: round on brain-shaped data; ring 2 needs ~40 % fewer candidates than ring 1 for the same proof
+#: radius (bench/bench_neighbours.py).
+GRID_FIRST_RING = 2
 GRID_CELL_FACTOR = 1.2
-#: Half-width in cells of the first block searched around a query's cell.
-GRID_FIRST_RING = 1
-#: Query x candidate slots per grid chunk; small enough for the working set to stay in cache.
-_GRID_CHUNK_SLOTS = 1 << 22
-#: Coordinates given to padding slots of the grid so they are never among the k nearest.
+#: Query x candidate slots per grid chunk (each slot costs ~40 bytes of temporaries).
+_GRID_CHUNK_SLOTS = MAX_CHUNK_BYTES // 64
+#: Extra brute-force candidates re-ranked with exact differences.
+_RERANK_SPARE = 8
+#: Squared norm given to the padding slots of a grid chunk so they are never among the k nearest.
 _FAR = 1.0e18
 
 
@@ -91,6 +97,11 @@ def _check_inputs(database: torch.Tensor, queries: torch.Tensor, k: int) -> None
         raise ValueError(f"k-NN needs 1 <= k <= number of database points ({database.shape[0]}), got k={k}")
 
 
+def _compute_dtype(database: torch.Tensor, queries: torch.Tensor) -> torch.dtype:
+    """float32 or float64: half precision cannot hold squared distances of brain-sized clouds."""
+    return torch.promote_types(torch.promote_types(database.dtype, queries.dtype), torch.float32)
+
+
 def _chunk_size(bytes_per_query: int) -> int:
     return max(1, MAX_CHUNK_BYTES // max(1, bytes_per_query))
 
@@ -99,24 +110,19 @@ def _cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-_faiss_module = None
-
-
+@functools.cache
 def _import_faiss():
-    """The faiss module, or None when it is not installed; sets its OpenMP threads once."""
-    global _faiss_module
-    if _faiss_module is None:
-        torch_threads = torch.get_num_threads()
-        try:
-            import faiss
-        except ImportError:
-            return None
-        faiss.omp_set_num_threads(_cpu_threads())
-        # Some OpenMP runtimes reset the shared thread count when a second library loads.
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
-        _faiss_module = faiss
-    return _faiss_module
+    """The faiss module with its OpenMP threads set to the usable cores, or None when not installed."""
+    torch_threads = torch.get_num_threads()
+    try:
+        import faiss
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(_cpu_threads())
+    # torch and faiss may share one OpenMP runtime: keep torch's own setting.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    return faiss
 
 
 def _as_float32_numpy(points: torch.Tensor) -> np.ndarray:
@@ -146,7 +152,10 @@ def _knn_faiss(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.T
 def _knn_kdtree(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
     from scipy.spatial import cKDTree
 
-    tree = cKDTree(database.to("cpu", torch.float64).numpy(), balanced_tree=False, compact_nodes=False)
+    # Unbalanced, uncompacted, 32-point leaves: the fastest build + query measured (see module doc).
+    tree = cKDTree(
+        database.to("cpu", torch.float64).numpy(), leafsize=32, balanced_tree=False, compact_nodes=False
+    )
     query_points = queries.to("cpu", torch.float64).numpy()
     out = torch.empty((len(query_points), k), dtype=torch.int64)
     step = _chunk_size(k * 16)  # indices int64 + distances float64
@@ -157,22 +166,30 @@ def _knn_kdtree(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.
 
 
 def _knn_torch(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
-    dtype = torch.promote_types(database.dtype, queries.dtype)
+    dtype = _compute_dtype(database, queries)
     base = database.to(queries.device, dtype)
-    base_sq = (base * base).sum(1)
+    # |p|^2 - 2 q.p loses precision with the magnitude of the coordinates: centre them first.
+    centroid = base.mean(0)
+    base = base - centroid
+    base_sq = base.square().sum(1)
     out = torch.empty((len(queries), k), dtype=torch.int64, device=queries.device)
     # Per query: a distance row (4-8 bytes per centre) plus topk's working copy.
     step = _chunk_size(3 * base.shape[0] * base.element_size())
+    wider = min(k + _RERANK_SPARE, base.shape[0])
     for start in range(0, len(queries), step):
-        chunk = queries[start : start + step].to(dtype)
+        chunk = queries[start : start + step].to(dtype) - centroid
         dist = torch.addmm(base_sq, chunk, base.T, alpha=-2.0)  # |q|^2 does not change the ranking
-        out[start : start + step] = dist.topk(k, dim=1, largest=False, sorted=False).indices
+        shortlist = dist.topk(wider, dim=1, largest=False, sorted=False).indices
+        # |p|^2 - 2 q.p is off by ~1e-4 mm^2 in float32: re-rank a few spare candidates exactly.
+        exact = (base[shortlist] - chunk[:, None, :]).square().sum(-1)
+        best = exact.topk(k, dim=1, largest=False, sorted=False).indices
+        out[start : start + step] = shortlist.gather(1, best)
     return out
 
 
 class _Grid:
-    """Centres binned into cubic cells of edge ``cell`` (mm). ``points`` (N, 3) are the centres
-    sorted by cell id (``order`` maps back to database rows); cell c holds sorted rows
+    """Centres binned into cubic cells of edge ``cell`` (mm). ``points_t`` (3, N) are the centres
+    sorted by cell id (``order`` maps sorted rows back to database rows); cell c holds sorted rows
     ``starts[c]:ends[c]``. Cell ids run fastest along z, so the cells of a block that share (x, y)
     form one contiguous run of sorted rows."""
 
@@ -183,7 +200,7 @@ class _Grid:
         self.dims = (extent / cell).floor().long() + 1
         ids = self.cell_ids(self.cell_coords(database))
         self.order = torch.argsort(ids)
-        self.points = database[self.order]
+        self.points_t = database[self.order].T.contiguous()  # (3, N): gathers read rows
         counts = torch.bincount(ids, minlength=int(self.dims.prod()))
         self.ends = torch.cumsum(counts, 0)
         self.starts = self.ends - counts
@@ -196,13 +213,22 @@ class _Grid:
     def cell_ids(self, coords: torch.Tensor) -> torch.Tensor:
         return (coords[..., 0] * self.dims[1] + coords[..., 1]) * self.dims[2] + coords[..., 2]
 
+    def coords_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Cell coordinates (C, 3) of cell ids (C,): the inverse of ``cell_ids``."""
+        plane = self.dims[1] * self.dims[2]
+        return torch.stack([ids // plane, (ids % plane) // self.dims[2], ids % self.dims[2]], 1)
+
     def blocks(self, coords: torch.Tensor, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs of sorted rows covering the (2 ring + 1)^3 block around cells (U, 3): starts and
-        lengths (U, (2 ring + 1)^2), one run per (x, y) column of the block."""
-        steps = torch.arange(-ring, ring + 1, device=coords.device)
-        columns = coords[:, None, :2] + torch.cartesian_prod(steps, steps)  # (U, R, 2)
-        valid = ((columns >= 0) & (columns < self.dims[:2])).all(-1)
-        columns = torch.minimum(columns.clamp_min(0), self.dims[:2] - 1)
+        """Runs of sorted rows covering the (2 ring + 1)^3 block around cells (U, 3), clipped to the
+        grid: starts and lengths (U, R), one run per (x, y) column of the block."""
+        # Columns counted from the block's first in-grid column, so a wide ring costs no more
+        # than the grid's own columns.
+        widths = [min(2 * ring + 1, int(d)) for d in self.dims[:2]]
+        steps = torch.cartesian_prod(*(torch.arange(w, device=coords.device) for w in widths))
+        low = (coords[:, None, :2] - ring).clamp_min(0)
+        columns = low + steps  # (U, R, 2)
+        valid = (columns <= torch.minimum(coords[:, None, :2] + ring, self.dims[:2] - 1)).all(-1)
+        columns = torch.minimum(columns, self.dims[:2] - 1)
         z_low = (coords[:, None, 2] - ring).clamp_min(0).expand(-1, columns.shape[1])
         z_high = torch.minimum(coords[:, None, 2] + ring, self.dims[2] - 1).expand(-1, columns.shape[1])
         first = self.cell_ids(torch.cat([columns, z_low[..., None]], -1))
@@ -224,10 +250,8 @@ class _Grid:
         """Top-k (Q, k) among the centres in the (2 ring + 1)^3 block around each query's cell, and
         whether each row is proven exact (Q,): the k-th distance is within the block's margin."""
         coords = self.cell_coords(queries)
-        cells, query_cell = torch.unique(self.cell_ids(coords), return_inverse=True)
-        cell_coords = torch.stack(
-            [cells // (self.dims[1] * self.dims[2]), (cells // self.dims[2]) % self.dims[1], cells % self.dims[2]], 1
-        )
+        cells, query_cell = _unique_inverse(self.cell_ids(coords))
+        cell_coords = self.coords_of(cells)
         run_starts, run_lengths = self.blocks(cell_coords, ring)
         totals = run_lengths.sum(1)
         # Cells in order of candidate count, queries grouped by cell in that order: a chunk of cells
@@ -247,11 +271,10 @@ class _Grid:
             rows = query_order[q_first : int(query_ends[last - 1])]
             local = query_rank[rows] - first
             centres = self.origin + (cell_coords[cells_here] + 0.5) * self.cell
-            dist, positions = self._chunk(
-                queries[rows] - centres[local], local, centres, run_starts[cells_here], run_lengths[cells_here], k
-            )
+            runs = run_starts[cells_here], run_lengths[cells_here]
+            dist, positions = self._chunk(queries[rows] - centres[local], local, centres, *runs, k)
             best_dist[rows] = dist
-            indices[rows] = self.order[positions]
+            indices[rows] = self.order.take(positions)
         exact = best_dist.max(1).values <= self.margins(queries, coords, ring).square() * (1 - 1e-5)
         return indices, exact
 
@@ -276,19 +299,33 @@ class _Grid:
         positions = run_starts.gather(1, run) + slot - (run_ends - run_lengths).gather(1, run)
         positions = torch.where(filled, positions, 0)
         # Coordinates relative to the cell centre keep |c|^2 - 2 q.c accurate in float32.
-        cand = (self.points[positions] - centres[:, None, :]).transpose(1, 2)  # (C, 3, width)
+        cand = self.points_t.index_select(1, positions.flatten()).view(3, *positions.shape)
+        cand = cand.permute(1, 0, 2) - centres[:, :, None]  # (C, 3, width)
         cand_sq = torch.where(filled, cand.square().sum(1), _FAR)
         packed = torch.cat([cand, cand_sq[:, None, :]], 1)  # (C, 4, width)
         weights = torch.cat([-2.0 * relative, torch.ones_like(relative[:, :1])], 1)[:, None, :]  # (Qc, 1, 4)
         dist = torch.bmm(weights, packed.index_select(0, local)).squeeze(1)  # (Qc, width): |c|^2 - 2 q.c
         best, cols = dist.topk(k, dim=1, largest=False, sorted=False)
         best = best + relative.square().sum(1, keepdim=True)
-        return best, positions.flatten()[local[:, None] * width + cols]
+        return best, positions.take(local[:, None] * width + cols)
 
 
-def _cell_chunks(query_ends, totals, k: int, max_slots: int):
-    """Consecutive cell ranges [first, last) whose queries x widest candidate count stay under
-    max_slots (a single cell may exceed it)."""
+def _unique_inverse(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(values, return_inverse=True)`` for 1-D integers, several times faster on CPU."""
+    sorted_values, order = torch.sort(values)
+    first = torch.ones_like(sorted_values, dtype=torch.bool)
+    first[1:] = sorted_values[1:] != sorted_values[:-1]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.cumsum(first, 0) - 1
+    return sorted_values[first], inverse
+
+
+def _cell_chunks(
+    query_ends: np.ndarray, totals: np.ndarray, k: int, max_slots: int
+) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges [first, last) of cells sorted by candidate count ``totals`` (C,) whose
+    queries (cumulative counts ``query_ends`` (C,)) x widest count stay under max_slots (a single
+    cell may exceed it)."""
     first = 0
     n = len(totals)
     while first < n:
@@ -308,7 +345,8 @@ def _grid_cell_size(database: torch.Tensor, k: int) -> float:
     # so that the empty corners around a brain-shaped cloud do not count as sparse regions.
     probe = max(float((extent.prod() * 4.0 / n) ** (1.0 / 3.0)), 1e-6)
     coords = ((database - database.min(0).values) / probe).floor().long()
-    occupied = torch.unique(coords, dim=0).shape[0] * probe**3
+    ids = (coords[:, 0] * (coords[:, 1].max() + 1) + coords[:, 1]) * (coords[:, 2].max() + 1) + coords[:, 2]
+    occupied = len(_unique_inverse(ids)[0]) * probe**3
     radius = (3.0 * k * occupied / (4.0 * math.pi * n)) ** (1.0 / 3.0)
     cell = max(GRID_CELL_FACTOR * radius / GRID_FIRST_RING, 1e-6)
     # Flat or degenerate clouds would otherwise ask for a huge, mostly empty grid.
@@ -319,7 +357,7 @@ def _grid_cell_size(database: torch.Tensor, k: int) -> float:
 
 def _knn_grid(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
     device = queries.device
-    dtype = torch.promote_types(database.dtype, queries.dtype)
+    dtype = _compute_dtype(database, queries)
     base = database.to(device, dtype)
     grid = _Grid(base, _grid_cell_size(base, k))
     queries = queries.to(dtype)

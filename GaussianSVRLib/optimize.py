@@ -27,7 +27,10 @@ SCALE_OUTLIER_FACTOR = 2.0
 
 @dataclass
 class SliceTensors:
-    """A SliceSet on the device: values (P,), positions (P, 3), slice_id (P,), axes (M, 3, 3), sigma (M, 3)."""
+    """A SliceSet on the device.
+
+    values (P,), positions (P, 3), slice_id (P,), axes (M, 3, 3), sigma (M, 3).
+    """
 
     values: torch.Tensor
     positions: torch.Tensor
@@ -89,10 +92,10 @@ def predict(
     rotations = motion.rotations()
     slice_id = data.slice_id[index]
     points = motion.move(data.positions[index], slice_id, rotations)
-    psf6 = slice_psf(data, rotations)[slice_id]
+    psf6 = slice_psf(data, rotations).index_select(0, slice_id)
     means, cov6, det, intensities = field_.packed()
     values = forward.evaluate(points, neighbours, means, cov6, det, intensities, psf6, mode)
-    return values * motion.intensity_scale()[slice_id]
+    return values * motion.intensity_scale().index_select(0, slice_id)
 
 
 def neighbour_lists(
@@ -130,7 +133,9 @@ def robust_weights(
         ratio = scale[on_stack] / np.median(scale[on_stack])
         for i in on_stack[(ratio > SCALE_OUTLIER_FACTOR) | (ratio < 1.0 / SCALE_OUTLIER_FACTOR)]:
             excluded[i] = True
-            reason[i] = f"intensity x{scale[i] / np.median(scale[on_stack]):.2f} of its stack (signal drop-out)"
+            reason[i] = (
+                f"intensity x{scale[i] / np.median(scale[on_stack]):.2f} of its stack (signal drop-out)"
+            )
     weight[excluded] = 0.0
     return SliceQuality(residual=residual, weight=weight, excluded=excluded, reason=reason)
 
@@ -224,7 +229,9 @@ def optimize(
             if hooks.should_stop is not None and hooks.should_stop():
                 return quality
             if step_in_stage % settings.refresh_every == 0:
-                neighbours = neighbour_lists(field_, motion, data, settings.k_neighbours, settings.neighbour_backend)
+                neighbours = neighbour_lists(
+                    field_, motion, data, settings.k_neighbours, settings.neighbour_backend
+                )
                 if step > motion_start and bool((abs_value > 0).any()):
                     residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
                     residual[abs_value.cpu().numpy() == 0] = np.nan
@@ -248,7 +255,9 @@ def optimize(
             target = data.values[index]
             loss = weighted_l1(prediction, target, weight)
             if settings.scale_regularization > 0:
-                loss = loss + settings.scale_regularization * scale_penalty(field_.scales(), settings.scale_target)
+                loss = loss + settings.scale_regularization * scale_penalty(
+                    field_.scales(), settings.scale_target
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,7 +268,7 @@ def optimize(
             elapsed = time.monotonic() - started
             if hooks.progress is not None:
                 eta = elapsed / step * (total - step)
-                hooks.progress(step, total, float(loss), stage, eta if math.isfinite(eta) else 0.0)
+                hooks.progress(step, total, loss.item(), stage, eta if math.isfinite(eta) else 0.0)
             if hooks.checkpoint is not None:
                 hooks.checkpoint(step)
     fine = stages["fine"]

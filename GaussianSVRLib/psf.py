@@ -20,7 +20,9 @@ def to_sym6(matrix: torch.Tensor) -> torch.Tensor:
 def from_sym6(sym: torch.Tensor) -> torch.Tensor:
     """6-vectors (..., 6) -> symmetric matrices (..., 3, 3)."""
     a, b, c, d, e, f = sym.unbind(-1)
-    return torch.stack([torch.stack([a, b, c], -1), torch.stack([b, d, e], -1), torch.stack([c, e, f], -1)], -2)
+    return torch.stack(
+        [torch.stack([a, b, c], -1), torch.stack([b, d, e], -1), torch.stack([c, e, f], -1)], -2
+    )
 
 
 def psf_covariance(axes: torch.Tensor, sigma: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

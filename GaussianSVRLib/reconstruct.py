@@ -137,7 +137,9 @@ def initial_models(
     motion = SliceMotion(tensor(slices.slice_centre), tensor(rotvec), tensor(translation))
     thickness = np.array([problem.stacks[s].thickness for s in slices.slice_stack])
     gradient = in_plane_gradient(problem.stacks, slices)
-    chosen, nominal = sample_centres(slices, gradient, settings.n_gaussians, settings.edge_fraction, thickness, rng)
+    chosen, nominal = sample_centres(
+        slices, gradient, settings.n_gaussians, settings.edge_fraction, thickness, rng
+    )
     with torch.no_grad():
         slice_id = torch.as_tensor(slices.pixel_slice[chosen], device=device)
         centres = motion.move(tensor(nominal), slice_id, motion.rotations())
@@ -167,7 +169,9 @@ def gauge(problem: Problem, motion: SliceMotion) -> tuple[torch.Tensor, torch.Te
         nominal = torch.as_tensor(slices.positions[sample], dtype=torch.float32, device=device)
         slice_id = torch.as_tensor(slices.pixel_slice[sample], device=device)
         moved = motion.move(nominal, slice_id, motion.rotations())
-    rotation, offset = kabsch(moved.cpu().numpy().astype(np.float64), nominal.cpu().numpy().astype(np.float64))
+    rotation, offset = kabsch(
+        moved.cpu().numpy().astype(np.float64), nominal.cpu().numpy().astype(np.float64)
+    )
     return (
         torch.as_tensor(rotation, dtype=torch.float32, device=device),
         torch.as_tensor(offset, dtype=torch.float32, device=device),
@@ -178,7 +182,9 @@ def world_gaussians(problem: Problem, field_: GaussianField, motion: SliceMotion
     """The Gaussians in the output frame and in input intensity units."""
     rotation, offset = gauge(problem, motion)
     state = transform_state(field_.state(), rotation, offset)
-    reference_scale = motion.intensity_scale().detach()[torch.as_tensor(problem.slices.slice_stack == problem.reference)]
+    reference_scale = motion.intensity_scale().detach()[
+        torch.as_tensor(problem.slices.slice_stack == problem.reference)
+    ]
     state["intensities"] = state["intensities"] * problem.intensity_norm * reference_scale.median()
     return state
 
@@ -196,8 +202,15 @@ def world_motion(problem: Problem, motion: SliceMotion) -> tuple[np.ndarray, np.
 def volume_image(
     state: dict[str, torch.Tensor], affine: np.ndarray, shape: tuple[int, int, int], settings: Settings
 ) -> sitk.Image:
-    array = render(state["means"], state["covariances"], state["intensities"], affine, shape,
-                   settings.k_neighbours, settings.neighbour_backend)
+    array = render(
+        state["means"],
+        state["covariances"],
+        state["intensities"],
+        affine,
+        shape,
+        settings.k_neighbours,
+        settings.neighbour_backend,
+    )
     return set_image_geometry(sitk.GetImageFromArray(np.clip(array, 0, None)), affine)
 
 
@@ -209,7 +222,9 @@ def preview_grid(problem: Problem, settings: Settings) -> tuple[np.ndarray, tupl
     return affine, shape  # type: ignore[return-value]
 
 
-def write_gaussians(state: dict[str, torch.Tensor], npz: str, vtp: str, max_glyphs: int, **extra: np.ndarray) -> None:
+def write_gaussians(
+    state: dict[str, torch.Tensor], npz: str, vtp: str, max_glyphs: int, **extra: np.ndarray
+) -> None:
     arrays = {key: value.detach().cpu().numpy() for key, value in state.items()}
     save_gaussians(npz, arrays["means"], arrays["covariances"], arrays["intensities"], **extra)
     write_ellipsoids(vtp, arrays["means"], arrays["covariances"], arrays["intensities"], max_count=max_glyphs)
@@ -251,8 +266,13 @@ def reconstruct(
         coarse = coarsen_slices(problem.slices, stacks, 2)
         stages["coarse"] = SliceTensors.from_slices(coarse, problem.intensity_norm, device)
     emit(
-        "started", device=str(device), n_stacks=len(stacks), n_slices=problem.slices.n_slices,
-        n_pixels=problem.slices.n_pixels, n_gaussians=field_.n, total=settings.iterations,
+        "started",
+        device=str(device),
+        n_stacks=len(stacks),
+        n_slices=problem.slices.n_slices,
+        n_pixels=problem.slices.n_pixels,
+        n_gaussians=field_.n,
+        total=settings.iterations,
     )
 
     preview_paths: dict[str, str] = {}
@@ -279,13 +299,26 @@ def reconstruct(
         last_checkpoint[0] = time.monotonic()
 
     def progress(step: int, total: int, loss: float, stage: str, eta: float) -> None:
-        emit("progress", iter=step, total=total, loss=loss, eta_s=round(eta, 1),
-             elapsed_s=round(time.monotonic() - started, 1), stage=stage)
+        emit(
+            "progress",
+            iter=step,
+            total=total,
+            loss=loss,
+            eta_s=round(eta, 1),
+            elapsed_s=round(time.monotonic() - started, 1),
+            stage=stage,
+        )
 
     stop = should_stop or (lambda: False)
     mark = time.monotonic()
-    quality = optimize(field_, motion, stages, problem.slices.slice_stack, settings,
-                       Hooks(progress=progress, checkpoint=checkpoint, should_stop=stop))
+    quality = optimize(
+        field_,
+        motion,
+        stages,
+        problem.slices.slice_stack,
+        settings,
+        Hooks(progress=progress, checkpoint=checkpoint, should_stop=stop),
+    )
     timings["optimize_s"] = time.monotonic() - mark
     cancelled = stop()
     if cancelled:
@@ -299,9 +332,18 @@ def reconstruct(
     scale = motion.intensity_scale().detach().cpu().numpy()
     timings["total_s"] = time.monotonic() - started
     report = build_report(
-        version=__version__, settings=settings, device=str(device), stacks=stacks, slices=problem.slices,
-        reference=problem.reference, rotvec=rotvec, translation=translation, scale=scale, quality=quality,
-        timings=timings, cancelled=cancelled,
+        version=__version__,
+        settings=settings,
+        device=str(device),
+        stacks=stacks,
+        slices=problem.slices,
+        reference=problem.reference,
+        rotvec=rotvec,
+        translation=translation,
+        scale=scale,
+        quality=quality,
+        timings=timings,
+        cancelled=cancelled,
     )
     paths: dict[str, str | None] = {"volume": None, "gaussians": None, "ellipsoids": None, "report": None}
     if not cancelled:
@@ -310,8 +352,14 @@ def reconstruct(
             paths["volume"] = outputs.volume
         gaussian_paths = outputs.gaussian_paths()
         if gaussian_paths is not None:
-            write_gaussians(state, *gaussian_paths, max_glyphs=5000,
-                            slice_rotation=rotvec, slice_translation=translation, slice_scale=scale)
+            write_gaussians(
+                state,
+                *gaussian_paths,
+                max_glyphs=5000,
+                slice_rotation=rotvec,
+                slice_translation=translation,
+                slice_scale=scale,
+            )
             paths["gaussians"], paths["ellipsoids"] = gaussian_paths
         report["outputs"] = dict(paths)
         if outputs.report is not None:

@@ -3,9 +3,9 @@
 The simulation is the ground truth for a closed-form (analytic PSF) method, so it integrates the PSF
 numerically: every slice pixel is the Gaussian-weighted mean of the volume sampled (trilinear) on a
 grid of sub-sample points covering +/-3 sigma of the slice PSF. Neighbouring pixels share their
-sub-samples: the grid is one fine grid per slice (in-plane step = pixel size / m, through-plane step
-``psf_step``), reduced by separable Gaussian weights. That is exactly the per-pixel weighted mean,
-computed about m^2 times faster.
+sub-samples: the grid is one fine grid per slice (in-plane step = pixel size / m, m an integer),
+reduced by separable Gaussian weights. That is exactly the per-pixel weighted mean over a 3-D
+sub-sample grid, computed about m^2 times faster. Steps: ``psf_steps``.
 
 Geometry and motion follow ``geometry.py``: the pixel at nominal world position p (stack affine)
 sees the volume at x = R (p - c) + c + t, c the slice centre. ``transforms.json`` records, per slice,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,22 +135,33 @@ def psf_offsets(sigma: float, step: float) -> tuple[np.ndarray, np.ndarray]:
     return index, weights / weights.sum()
 
 
-def _fine_plane(
-    volume: np.ndarray, to_index: np.ndarray, fi: np.ndarray, fj: np.ndarray, fk: np.ndarray, w_k: np.ndarray
-) -> np.ndarray:
-    """Volume samples on the fine grid fk x fj x fi (stack voxel units), reduced through-plane: (J, I).
+def psf_steps(sigma: np.ndarray, voxel: float, oversampling: float = 1.0) -> np.ndarray:
+    """Sub-sample steps (3,) mm along the slice axes: min(PSF sigma, volume voxel) / oversampling.
 
-    to_index (4, 4) maps stack voxel coordinates (i, j, k), motion included, to volume (i, j, k).
+    A step of one sigma integrates the Gaussian weights accurately; one voxel resolves the kinks of
+    the trilinear interpolant. Halving both changes the atlas simulation by < 0.4 % of its range.
     """
-    lin, off = to_index[:3, :3][::-1], to_index[:3, 3][::-1]  # rows in volume array order (k, j, i)
-    coords = (
-        off[:, None, None, None]
-        + lin[:, 0, None, None, None] * fi[None, None, None, :]
-        + lin[:, 1, None, None, None] * fj[None, None, :, None]
-        + lin[:, 2, None, None, None] * fk[None, :, None, None]
-    )
-    samples = ndimage.map_coordinates(volume, coords.reshape(3, -1), order=1, mode="constant", cval=0.0)
-    return np.tensordot(w_k, samples.reshape(coords.shape[1:]), axes=(0, 0))
+    return np.minimum(sigma, voxel) / oversampling
+
+
+def _fine_plane(
+    volume: torch.Tensor, to_grid: np.ndarray, fi: np.ndarray, fj: np.ndarray, fk: np.ndarray, w_k: np.ndarray
+) -> np.ndarray:
+    """Volume samples (trilinear) on the fine grid fk x fj x fi, reduced through-plane: (J, I) float64.
+
+    volume (1, 1, D, H, W); to_grid (4, 4) maps stack voxel coordinates (i, j, k), motion included,
+    to grid_sample's normalized volume coordinates; fi, fj, fk in stack voxel units.
+    """
+    lin, off = to_grid[:3, :3].T, to_grid[:3, 3]  # lin rows: grid step per unit of i, j, k
+    grid = (
+        (off + fk[:, None] * lin[2])[:, None, None, :]
+        + (fj[:, None] * lin[1])[None, :, None, :]
+        + (fi[:, None] * lin[0])[None, None, :, :]
+    ).astype(np.float32)
+    samples = torch.nn.functional.grid_sample(
+        volume, torch.from_numpy(grid)[None], mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0, 0].numpy()
+    return np.tensordot(w_k, samples, axes=(0, 0))
 
 
 def sample_slices_psf(
@@ -161,27 +173,33 @@ def sample_slices_psf(
     rotations: np.ndarray,
     translations: np.ndarray,
     sigma: np.ndarray,
-    psf_step: float,
+    steps: np.ndarray,
 ) -> np.ndarray:
     """PSF-integrated slices of a volume, by numerical quadrature.
 
     volume [k, j, i] with world_to_index (4, 4) its LPS -> voxel affine; affine (4, 4) and size
     (ni, nj, nk) define the stack; ks (B,) the slices to simulate, with rotations (B, 3, 3) and
-    translations (B, 3) of their motion; sigma (3,) the PSF standard deviations (mm) along the stack
-    axes. The in-plane sub-sample step is the pixel size / ceil(pixel size / psf_step), the
-    through-plane step psf_step. Returns (B, nj, ni) float64.
+    translations (B, 3) of their motion; sigma (3,) the PSF standard deviations (mm) and steps (3,)
+    the largest sub-sample steps (mm) along the stack axes. In-plane the step is shrunk to the pixel
+    size / an integer so that neighbouring pixels share sub-samples. Returns (B, nj, ni) float64.
     """
     ni, nj, _ = size
     axes_steps = affine[:3, :3]
     pixel = np.linalg.norm(axes_steps, axis=0)
-    mi, mj = np.maximum(np.ceil(pixel[:2] / psf_step - 1e-9), 1).astype(int)
+    mi, mj = np.maximum(np.ceil(pixel[:2] / steps[:2] - 1e-9), 1).astype(int)
     off_i, w_i = psf_offsets(sigma[0], pixel[0] / mi)
     off_j, w_j = psf_offsets(sigma[1], pixel[1] / mj)
-    off_k, w_k = psf_offsets(sigma[2], psf_step)
+    off_k, w_k = psf_offsets(sigma[2], steps[2])
     # Fine grid in stack voxel units: output pixel i averages fine columns i * mi + off_i.
     fi = np.arange(off_i[0], (ni - 1) * mi + off_i[-1] + 1) / mi
-    fk = off_k * psf_step / pixel[2]
+    fk = off_k * steps[2] / pixel[2]
     rows_per_chunk = max(1, POINTS_PER_CHUNK // (len(fi) * len(fk) * mj))
+    # grid_sample wants (x, y, z) = volume (i, j, k) normalized to [-1, 1] over voxel centres.
+    shape_ijk = np.array(volume.shape[::-1], dtype=np.float64)
+    to_normalized = np.eye(4)
+    to_normalized[:3, :3] = np.diag(2.0 / np.maximum(shape_ijk - 1, 1))
+    to_normalized[:3, 3] = -1.0
+    volume_t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
     out = np.empty((len(ks), nj, ni))
     for b, k in enumerate(ks):
         centre = apply_affine(affine, np.array([(ni - 1) / 2.0, (nj - 1) / 2.0, k]))
@@ -189,12 +207,12 @@ def sample_slices_psf(
         moved = np.eye(4)
         moved[:3, :3] = rotations[b] @ axes_steps
         moved[:3, 3] = rotations[b] @ (affine[:3, 3] - centre) + centre + translations[b]
-        to_index = world_to_index @ moved
-        to_index[:3, 3] += to_index[:3, 2] * k
+        to_grid = to_normalized @ world_to_index @ moved
+        to_grid[:3, 3] += to_grid[:3, 2] * k
         for j0 in range(0, nj, rows_per_chunk):
             n = min(rows_per_chunk, nj - j0)
             fj = np.arange(j0 * mj + off_j[0], (j0 + n - 1) * mj + off_j[-1] + 1) / mj
-            plane = _fine_plane(volume, to_index, fi, fj, fk, w_k)
+            plane = _fine_plane(volume_t, to_grid, fi, fj, fk, w_k)
             rows = sum(w * plane[a : a + (n - 1) * mj + 1 : mj] for a, w in enumerate(w_j))
             out[b, j0 : j0 + n] = sum(w * rows[:, a : a + (ni - 1) * mi + 1 : mi] for a, w in enumerate(w_i))
     return out
@@ -265,9 +283,15 @@ def _write_atomic_image(image: sitk.Image, path: Path) -> None:
 
 
 def _write_atomic_json(data: dict[str, Any], path: Path) -> None:
+    """JSON with every list of numbers on one line (one slice per few lines, not one number per line)."""
+    text = re.sub(
+        r"\[\s*([^\[\]{}\"]*?)\s*\]",
+        lambda m: "[" + " ".join(m.group(1).split()) + "]",
+        json.dumps(data, indent=1),
+    )
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -277,30 +301,97 @@ def _image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return set_image_geometry(sitk.GetImageFromArray(array), affine)
 
 
-def _check_settings(
-    in_plane: float,
-    thickness: float,
-    spacing: float,
-    n_stacks: int,
-    noise: float,
-    dropout: float,
-    max_angle: float,
-) -> None:
-    if n_stacks < 1:
-        raise InputError(None, f"n_stacks must be at least 1, got {n_stacks}")
-    for name, value in (("in_plane", in_plane), ("thickness", thickness), ("spacing", spacing)):
-        if not value > 0:
-            raise InputError(None, f"{name} must be positive, got {value}")
-    if noise < 0:
-        raise InputError(None, f"noise must be non-negative, got {noise}")
-    if not 0.0 <= dropout <= 1.0:
-        raise InputError(None, f"dropout must be in [0, 1], got {dropout}")
-    if not 0.0 <= max_angle < 180.0:
+def _check_settings(settings: dict[str, Any]) -> None:
+    if settings["n_stacks"] < 1:
+        raise InputError(None, f"n_stacks must be at least 1, got {settings['n_stacks']}")
+    for name in ("in_plane", "thickness", "spacing", "psf_oversampling"):
+        if not settings[name] > 0:
+            raise InputError(None, f"{name} must be positive, got {settings[name]}")
+    for name in ("noise", "max_translation_mm", "stack_misalignment_mm", "margin_mm"):
+        if not settings[name] >= 0:
+            raise InputError(None, f"{name} must be non-negative, got {settings[name]}")
+    if not 0.0 <= settings["dropout"] <= 1.0:
+        raise InputError(None, f"dropout must be in [0, 1], got {settings['dropout']}")
+    max_angle = np.sqrt(3.0) * settings["max_rotation_deg"] + settings["stack_misalignment_deg"]
+    if not (
+        settings["max_rotation_deg"] >= 0 and settings["stack_misalignment_deg"] >= 0 and max_angle < 180
+    ):
         raise InputError(
             None,
-            "sqrt(3) x max_rotation_deg + stack_misalignment_deg must stay in [0, 180) degrees "
-            f"(got {max_angle:.1f}) so that every slice rotation has a unique rotation vector",
+            "rotations must be non-negative with sqrt(3) x max_rotation_deg + stack_misalignment_deg "
+            f"below 180 degrees (got {max_angle:.1f}) so that every slice rotation vector is unique",
         )
+
+
+@dataclass
+class _StackPlan:
+    """Everything drawn at random for one stack (nk slices)."""
+
+    geometry: _StackGeometry
+    centres: np.ndarray  # (nk, 3) slice pivots, nominal LPS mm
+    rotations: np.ndarray  # (nk, 3, 3) slice motion, stack misalignment composed in
+    translations: np.ndarray  # (nk, 3)
+    factors: np.ndarray  # (nk,) signal drop-out multipliers, 1 for kept slices
+    misalignment: dict[str, list[float]]
+
+
+def _plan_stack(
+    index: int, rng: np.random.Generator, corners: np.ndarray, settings: dict[str, Any]
+) -> _StackPlan:
+    """Orientation, field of view, motion and drop-outs of stack ``index``; corners (8, 3) of the mask box."""
+    direction = ORIENTATIONS[index % len(ORIENTATIONS)]
+    if settings["oblique"]:
+        angle = np.deg2rad(rng.uniform(*OBLIQUE_RANGE_DEG))
+        direction = _rotation(_random_unit(rng) * angle) @ direction
+    spacing = settings["spacing"]
+    k_shift = spacing / 2.0 if index % len(ORIENTATIONS) == 3 else 0.0
+    geometry = stack_geometry(
+        corners, direction, settings["in_plane"], spacing, settings["margin_mm"], k_shift
+    )
+    ni, nj, nk = geometry.size
+    index_centres = np.stack([np.full(nk, (ni - 1) / 2.0), np.full(nk, (nj - 1) / 2.0), np.arange(nk)], -1)
+    centres = apply_affine(geometry.affine, index_centres)
+    rot, trans = _slice_motion(rng, nk, settings["max_rotation_deg"], settings["max_translation_mm"])
+    mis_rot = _random_unit(rng) * np.deg2rad(settings["stack_misalignment_deg"]) + 0.0  # no -0.0 in JSON
+    mis_trans = _random_unit(rng) * settings["stack_misalignment_mm"] + 0.0
+    rotations, translations = _compose_misalignment(centres, rot, trans, mis_rot, mis_trans, geometry.centre)
+    factors = np.ones(nk)
+    dropped = rng.choice(nk, size=int(round(settings["dropout"] * nk)), replace=False)
+    factors[dropped] = rng.uniform(*DROPOUT_FACTOR_RANGE, size=len(dropped))
+    misalignment = {
+        "rotation": mis_rot.tolist(),
+        "translation": mis_trans.tolist(),
+        "centre": geometry.centre.tolist(),
+    }
+    return _StackPlan(geometry, centres, rotations, translations, factors, misalignment)
+
+
+def _stack_record(
+    plan: _StackPlan, stack_name: str, mask_name: str, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The transforms.json entry of one stack."""
+    rotvecs = matrix_to_rotvec(plan.rotations)
+    return {
+        "path": stack_name,
+        "mask_path": mask_name,
+        "thickness": settings["thickness"],
+        "spacing": settings["spacing"],
+        "in_plane": settings["in_plane"],
+        "size": list(plan.geometry.size),
+        "affine": plan.geometry.affine.tolist(),
+        "misalignment": plan.misalignment,
+        "slices": [
+            {
+                "k": k,
+                "centre": plan.centres[k].tolist(),
+                "rotation": rotvecs[k].tolist(),
+                "translation": plan.translations[k].tolist(),
+                "dropout": bool(plan.factors[k] < 1.0),
+                "dropout_factor": float(plan.factors[k]),
+            }
+            for k in range(len(plan.factors))
+        ],
+    }
 
 
 def simulate_stacks(
@@ -320,7 +411,7 @@ def simulate_stacks(
     stack_misalignment_deg: float = 0.0,
     stack_misalignment_mm: float = 0.0,
     seed: int = 0,
-    psf_step: float | None = None,
+    psf_oversampling: float = 1.0,
     in_plane_factor: float = IN_PLANE_FWHM_FACTOR,
     margin_mm: float = 8.0,
 ) -> SimulationResult:
@@ -328,144 +419,88 @@ def simulate_stacks(
 
     Orientations cycle axial (slice normal along world z), coronal (y), sagittal (x), axial offset by
     half a slice spacing; ``oblique`` turns each stack by a random rotation of 15-40 degrees. Each
-    field of view covers the mask's bounding box plus ``margin_mm``.
+    field of view covers the mask's bounding box plus ``margin_mm``; ``spacing`` (slice spacing)
+    defaults to ``thickness``.
 
     Motion, per slice: rotation vector with each component uniform in +/-max_rotation_deg (so the
-    rotation about each world axis is within that bound and the total angle within sqrt(3) times it)
-    and translation uniform in +/-max_translation_mm per axis. Per stack, optionally, a misalignment
-    about the stack's centre: rotation of exactly ``stack_misalignment_deg`` about a random axis and
+    rotation angle is at most sqrt(3) times that, about 1.2 times it on average) and translation
+    uniform in +/-max_translation_mm per axis. Per stack, optionally, a misalignment about the
+    stack's centre: rotation of exactly ``stack_misalignment_deg`` about a random axis and
     translation of ``stack_misalignment_mm`` in a random direction, applied after the slice motion.
     The rule that keeps rotation vectors unambiguous: sqrt(3) max_rotation_deg +
     stack_misalignment_deg must be below 180 degrees (InputError otherwise).
 
     PSF: Gaussian, in-plane FWHM = in_plane_factor x in_plane, through-plane FWHM = thickness,
-    integrated numerically with sub-sample step ``psf_step`` (default: half the volume's smallest
-    voxel size). Signal drop-out (a fraction ``dropout`` of each stack's slices, multiplied by a factor
-    in [0.05, 0.3]) comes before Rician noise of sigma noise x (99th percentile of the volume inside
-    the mask). Deterministic for a given seed; stack s draws from its own generator seeded (seed, s).
+    integrated numerically with sub-sample steps min(sigma, voxel) / ``psf_oversampling`` along each
+    slice axis (voxel = the volume's smallest spacing; see ``psf_steps``). Signal drop-out (a
+    fraction ``dropout`` of each stack's slices, multiplied by a factor in [0.05, 0.3]) comes before
+    Rician noise of sigma noise x (99th percentile of the volume inside the mask). Masks: the mask
+    interpolated (trilinear) at each moved pixel centre, thresholded at 0.5. Deterministic for a
+    given seed; stack s draws from its own generator seeded (seed, s).
     """
-    spacing = thickness if spacing is None else spacing
-    _check_settings(
-        in_plane,
-        thickness,
-        spacing,
-        n_stacks,
-        noise,
-        dropout,
-        np.sqrt(3.0) * max_rotation_deg + stack_misalignment_deg,
-    )
+    settings: dict[str, Any] = {
+        "n_stacks": n_stacks,
+        "in_plane": in_plane,
+        "thickness": thickness,
+        "spacing": thickness if spacing is None else spacing,
+        "max_rotation_deg": max_rotation_deg,
+        "max_translation_mm": max_translation_mm,
+        "noise": noise,
+        "dropout": dropout,
+        "oblique": oblique,
+        "stack_misalignment_deg": stack_misalignment_deg,
+        "stack_misalignment_mm": stack_misalignment_mm,
+        "seed": seed,
+        "psf_oversampling": psf_oversampling,
+        "in_plane_factor": in_plane_factor,
+        "margin_mm": margin_mm,
+    }
+    _check_settings(settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     volume_array = sitk.GetArrayFromImage(volume).astype(np.float32)
     mask_array = _mask_array(mask, volume)
     volume_affine = image_affine(volume)
     world_to_index = np.linalg.inv(volume_affine)
-    if psf_step is None:
-        psf_step = 0.5 * min(volume.GetSpacing())
-    noise_sigma = noise * float(np.percentile(volume_array[mask_array], 99))
     corners = _box_corners(mask_array, volume_affine)
     sigma = np.array([in_plane_factor * in_plane, in_plane_factor * in_plane, thickness]) * FWHM_TO_SIGMA
+    steps = psf_steps(sigma, min(volume.GetSpacing()), psf_oversampling)
+    noise_sigma = noise * float(np.percentile(volume_array[mask_array], 99))
+    settings.update(noise_sigma=noise_sigma, psf_sigma=sigma.tolist(), psf_steps=steps.tolist())
 
-    stack_paths, mask_paths, stacks_json = [], [], []
+    result = SimulationResult([], [], str(out_dir / "transforms.json"))
+    records = []
     for s in range(n_stacks):
         rng = np.random.default_rng([seed, s])
-        direction = ORIENTATIONS[s % 4]
-        if oblique:
-            angle = np.deg2rad(rng.uniform(*OBLIQUE_RANGE_DEG))
-            direction = _rotation(_random_unit(rng) * angle) @ direction
-        geometry = stack_geometry(
-            corners, direction, in_plane, spacing, margin_mm, spacing / 2 if s % 4 == 3 else 0.0
-        )
-        ni, nj, nk = geometry.size
-        centres = apply_affine(
-            geometry.affine,
-            np.stack([np.full(nk, (ni - 1) / 2.0), np.full(nk, (nj - 1) / 2.0), np.arange(nk)], -1),
-        )
-        rot, trans = _slice_motion(rng, nk, max_rotation_deg, max_translation_mm)
-        mis_rot = _random_unit(rng) * np.deg2rad(stack_misalignment_deg)
-        mis_trans = _random_unit(rng) * stack_misalignment_mm
-        matrices, translations = _compose_misalignment(
-            centres, rot, trans, mis_rot, mis_trans, geometry.centre
-        )
-        factors = np.ones(nk)
-        dropped = rng.choice(nk, size=int(round(dropout * nk)), replace=False)
-        factors[dropped] = rng.uniform(*DROPOUT_FACTOR_RANGE, size=len(dropped))
-
+        plan = _plan_stack(s, rng, corners, settings)
+        g = plan.geometry
+        nk = g.size[2]
         signal = sample_slices_psf(
             volume_array,
             world_to_index,
-            geometry.affine,
-            geometry.size,
+            g.affine,
+            g.size,
             np.arange(nk),
-            matrices,
-            translations,
+            plan.rotations,
+            plan.translations,
             sigma,
-            psf_step,
+            steps,
         )
-        signal *= factors[:, None, None]
+        signal *= plan.factors[:, None, None]
         if noise_sigma > 0:
-            signal = np.hypot(
-                signal + rng.normal(0.0, noise_sigma, signal.shape),
-                rng.normal(0.0, noise_sigma, signal.shape),
-            )
+            real = signal + rng.normal(0.0, noise_sigma, signal.shape)
+            signal = np.hypot(real, rng.normal(0.0, noise_sigma, signal.shape))
         stack_mask = sample_slices_nearest_mask(
-            mask_array, world_to_index, geometry.affine, geometry.size, matrices, translations
+            mask_array, world_to_index, g.affine, g.size, plan.rotations, plan.translations
         )
-
         stack_name, mask_name = f"stack_{s:02d}.nii.gz", f"mask_{s:02d}.nii.gz"
-        _write_atomic_image(_image(signal.astype(np.float32), geometry.affine), out_dir / stack_name)
-        _write_atomic_image(_image(stack_mask, geometry.affine), out_dir / mask_name)
-        stack_paths.append(str(out_dir / stack_name))
-        mask_paths.append(str(out_dir / mask_name))
-        rotvecs = matrix_to_rotvec(matrices)
-        stacks_json.append(
-            {
-                "path": stack_name,
-                "mask_path": mask_name,
-                "thickness": thickness,
-                "spacing": spacing,
-                "in_plane": in_plane,
-                "size": list(geometry.size),
-                "affine": geometry.affine.tolist(),
-                "misalignment": {
-                    "rotation": mis_rot.tolist(),
-                    "translation": mis_trans.tolist(),
-                    "centre": geometry.centre.tolist(),
-                },
-                "slices": [
-                    {
-                        "k": k,
-                        "centre": centres[k].tolist(),
-                        "rotation": rotvecs[k].tolist(),
-                        "translation": translations[k].tolist(),
-                        "dropout": bool(factors[k] < 1.0),
-                        "dropout_factor": float(factors[k]),
-                    }
-                    for k in range(nk)
-                ],
-            }
-        )
-    settings = {
-        "n_stacks": n_stacks,
-        "in_plane": in_plane,
-        "thickness": thickness,
-        "spacing": spacing,
-        "max_rotation_deg": max_rotation_deg,
-        "max_translation_mm": max_translation_mm,
-        "noise": noise,
-        "noise_sigma": noise_sigma,
-        "dropout": dropout,
-        "oblique": oblique,
-        "stack_misalignment_deg": stack_misalignment_deg,
-        "stack_misalignment_mm": stack_misalignment_mm,
-        "seed": seed,
-        "psf_step": psf_step,
-        "in_plane_factor": in_plane_factor,
-        "margin_mm": margin_mm,
-    }
-    transforms_path = out_dir / "transforms.json"
-    _write_atomic_json({"stacks": stacks_json, "settings": settings}, transforms_path)
-    return SimulationResult(stack_paths, mask_paths, str(transforms_path))
+        _write_atomic_image(_image(signal.astype(np.float32), g.affine), out_dir / stack_name)
+        _write_atomic_image(_image(stack_mask, g.affine), out_dir / mask_name)
+        result.stack_paths.append(str(out_dir / stack_name))
+        result.mask_paths.append(str(out_dir / mask_name))
+        records.append(_stack_record(plan, stack_name, mask_name, settings))
+    _write_atomic_json({"stacks": records, "settings": settings}, Path(result.transforms_path))
+    return result
 
 
 def read_transforms(path: str | Path) -> dict[str, Any]:

@@ -149,7 +149,9 @@ def read_mask(path: str | Path, stack_image: sitk.Image) -> np.ndarray:
     return mask
 
 
-def read_stack(path: str | Path, mask_path: str | Path | None = None, thickness: float | None = None) -> Stack:
+def read_stack(
+    path: str | Path, mask_path: str | Path | None = None, thickness: float | None = None
+) -> Stack:
     """Read one stack (and its optional mask); thickness from the argument, the sidecar or the header."""
     image = read_image(path, "stack")
     data = sitk.GetArrayFromImage(image)

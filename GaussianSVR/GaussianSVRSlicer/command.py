@@ -75,7 +75,9 @@ def find_engine_dir(module_dir: Path | None = None) -> Path:
     for candidate in (here.parent, here.parent.parent):
         if (candidate / ENGINE_PACKAGE / "__init__.py").is_file():
             return candidate
-    raise FileNotFoundError(f"the {ENGINE_PACKAGE} package was not found: reinstall the GaussianSVR extension")
+    raise FileNotFoundError(
+        f"the {ENGINE_PACKAGE} package was not found: reinstall the GaussianSVR extension"
+    )
 
 
 def ensure_engine_importable() -> Path:
@@ -96,11 +98,13 @@ def python_command(which: Callable[[str], str | None] = shutil.which) -> list[st
 
 
 def worker_environment(base: Mapping[str, str], engine_dir: Path) -> dict[str, str]:
-    """``base`` with ``engine_dir`` first on PYTHONPATH and Python's output unbuffered."""
+    """``base`` with ``engine_dir`` first on PYTHONPATH, and Python's output unbuffered UTF-8 (the
+    runner reads the pipes as UTF-8 whatever the system's code page)."""
     env = dict(base)
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(engine_dir) + (os.pathsep + existing if existing else "")
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
@@ -114,7 +118,14 @@ def reconstruct_command(
     per stack or none; inputs.py writes a full mask for stacks without one)."""
     if not stacks:
         raise ValueError("no input stacks")
-    command = [*python, "-m", ENGINE_PACKAGE, "reconstruct", "--input-stacks", *(str(s.image) for s in stacks)]
+    command = [
+        *python,
+        "-m",
+        ENGINE_PACKAGE,
+        "reconstruct",
+        "--input-stacks",
+        *(str(s.image) for s in stacks),
+    ]
     masks = [s.mask for s in stacks]
     if any(mask is not None for mask in masks):
         if any(mask is None for mask in masks):

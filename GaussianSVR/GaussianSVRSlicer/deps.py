@@ -45,7 +45,9 @@ class Step:
     reason: str
 
 
-def installed_version(distribution: str, version: Callable[[str], str] = importlib.metadata.version) -> str | None:
+def installed_version(
+    distribution: str, version: Callable[[str], str] = importlib.metadata.version
+) -> str | None:
     try:
         return version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -99,7 +101,11 @@ def plan(env: Environment, faiss_declined: bool = False) -> list[Step]:
             )
     if env.faiss is None and not faiss_declined:
         steps.append(
-            Step(Action.INSTALL_FAISS, False, "faiss-cpu makes the neighbour search faster (optional, about 30 MB)")
+            Step(
+                Action.INSTALL_FAISS,
+                False,
+                "faiss-cpu makes the neighbour search faster (optional, about 30 MB)",
+            )
         )
     return steps
 

@@ -64,7 +64,9 @@ def volume_to_image(node) -> sitk.Image:
         raise InputProblem(f"{node.GetName()}: the volume has no voxels")
     voxels = slicer.util.arrayFromVolume(node)
     if voxels.ndim != 3:
-        raise InputProblem(f"{node.GetName()}: expected a scalar 3-D volume, found array shape {voxels.shape}")
+        raise InputProblem(
+            f"{node.GetName()}: expected a scalar 3-D volume, found array shape {voxels.shape}"
+        )
     image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
     affine = RAS_TO_LPS @ world_ijk_to_ras(node)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)

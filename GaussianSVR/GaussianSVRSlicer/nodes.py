@@ -113,7 +113,9 @@ def ellipsoid_polydata(gaussians: Gaussians, scale: float, max_count: int) -> vt
     centres = vtk.vtkPoints()
     centres.SetData(numpy_to_vtk(np.ascontiguousarray(gaussians.means[chosen]), deep=True))
     # vtkTensorGlyph maps the unit sphere through the tensor: sqrt(C) turns it into the 1-sigma ellipsoid.
-    tensors = numpy_to_vtk(np.ascontiguousarray(_sqrt_psd(gaussians.covariances[chosen]).reshape(-1, 9)), deep=True)
+    tensors = numpy_to_vtk(
+        np.ascontiguousarray(_sqrt_psd(gaussians.covariances[chosen]).reshape(-1, 9)), deep=True
+    )
     tensors.SetName("sqrtCovariance")
     points = vtk.vtkPolyData()
     points.SetPoints(centres)
@@ -176,7 +178,12 @@ class SceneChanges:
         if node.IsA("vtkMRMLVolumeNode"):
             matrix = vtk.vtkMatrix4x4()
             node.GetIJKToRASMatrix(matrix)
-            self._saved[node.GetID()] = (node, _copy(node.GetImageData(), vtk.vtkImageData), matrix, transform_id)
+            self._saved[node.GetID()] = (
+                node,
+                _copy(node.GetImageData(), vtk.vtkImageData),
+                matrix,
+                transform_id,
+            )
         elif node.IsA("vtkMRMLModelNode"):
             self._saved[node.GetID()] = (node, _copy(node.GetMesh(), vtk.vtkPolyData), None, transform_id)
 

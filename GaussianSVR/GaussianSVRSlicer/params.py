@@ -42,7 +42,7 @@ class Setting:
     """One scalar parameter of the parameter node.
 
     ``flag`` is the engine's command-line option (None: not passed to the engine); numeric settings
-    carry their range (``minimum``/``maximum``, inclusive) and, for floats, the decimals shown.
+    carry their range (``minimum``/``maximum``, inclusive) and, for floats, the decimals the .ui shows.
     """
 
     name: str
@@ -133,6 +133,17 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
         "--device",
     ),
     Setting(
+        "previewInterval",
+        float,
+        15.0,
+        "Seconds between live previews. Each preview samples the volume and the ellipsoids: about a "
+        "second on a CPU, so short intervals slow a CPU run down.",
+        "--checkpoint-interval",
+        1.0,
+        600.0,
+        1,
+    ),
+    Setting(
         "seed",
         int,
         0,
@@ -154,7 +165,8 @@ DISPLAY_SETTINGS: tuple[Setting, ...] = (
         "glyphScale",
         float,
         1.0,
-        "Size of each ellipsoid in standard deviations of its Gaussian; lower it to separate crowded ellipsoids.",
+        "Size of each ellipsoid in standard deviations of its Gaussian; lower it to separate crowded "
+        "ellipsoids.",
         None,
         0.1,
         3.0,
@@ -233,14 +245,13 @@ def engine_arguments(values: Mapping[str, object]) -> list[str]:
 
 
 def parameter_namespace(
-    node_class: Callable[[str], type],
-    within_range: Callable[[float, float], object],
-    decimals: Callable[[int], object],
+    node_class: Callable[[str], type], within_range: Callable[[float, float], object]
 ) -> dict[str, object]:
     """Annotations and defaults of the parameter-node class, ready for ``type(name, (), namespace)``.
 
-    Slicer's MRML classes and its ``WithinRange``/``Decimals`` annotations are passed in so that this
-    module needs no Slicer; GaussianSVR.py passes the real ones, the tests stand-ins.
+    Slicer's MRML classes and its ``WithinRange`` annotation are passed in so that this module needs
+    no Slicer; GaussianSVR.py passes the real ones, the tests stand-ins. The decimals shown are set in
+    the .ui (a ``Decimals`` annotation would make the wrapper log "Unused annotations").
     """
     annotations: dict[str, object] = {}
     namespace: dict[str, object] = {"__annotations__": annotations}
@@ -252,11 +263,9 @@ def parameter_namespace(
     annotations["includeStacks"] = list[bool]
     annotations["outputFolder"] = pathlib.Path
     for spec in all_settings():
-        extras = []
         if spec.minimum is not None:
-            extras.append(within_range(spec.minimum, spec.maximum))
-        if spec.decimals is not None:
-            extras.append(decimals(spec.decimals))
-        annotations[spec.name] = Annotated[(spec.kind, *extras)] if extras else spec.kind
+            annotations[spec.name] = Annotated[spec.kind, within_range(spec.minimum, spec.maximum)]
+        else:
+            annotations[spec.name] = spec.kind
         namespace[spec.name] = spec.default
     return namespace

@@ -57,5 +57,7 @@ def orthogonal_stacks(
         values = np.mean(
             [phantom_values(points + offset * slice_mm * directions[:, 2]) for offset in offsets], axis=0
         )
-        stacks.append((values.reshape(n_slices, n_in_plane, n_in_plane).astype(np.float32) * 100.0, ijk_to_ras))
+        stacks.append(
+            (values.reshape(n_slices, n_in_plane, n_in_plane).astype(np.float32) * 100.0, ijk_to_ras)
+        )
     return stacks

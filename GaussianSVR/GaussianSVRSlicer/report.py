@@ -46,14 +46,16 @@ def summary_html(report: Mapping[str, Any], stack_names: Sequence[str] = (), max
     for index, stack in enumerate(stacks):
         name = stack_names[index] if index < len(stack_names) else PurePath(str(stack.get("path", ""))).name
         parts.append(
-            f"<tr><td>{index + 1}: {html.escape(name)}</td><td align='right'>{int(stack.get('n_slices', 0))}</td>"
+            f"<tr><td>{index + 1}: {html.escape(name)}</td>"
+            f"<td align='right'>{int(stack.get('n_slices', 0))}</td>"
             f"<td align='right'>{int(stack.get('n_excluded', 0))}</td>"
             f"<td>{html.escape(str(stack.get('verdict', '')))}</td></tr>"
         )
     parts.append("</table>")
     if excluded:
         items = [
-            f"<li>stack {stack + 1}, slice {k}: {html.escape(reason)}</li>" for stack, k, reason in excluded[:max_listed]
+            f"<li>stack {stack + 1}, slice {k}: {html.escape(reason)}</li>"
+            for stack, k, reason in excluded[:max_listed]
         ]
         if len(excluded) > max_listed:
             items.append(f"<li>... and {len(excluded) - max_listed} more (see the JSON report)</li>")

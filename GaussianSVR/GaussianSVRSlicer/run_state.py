@@ -113,9 +113,9 @@ class RunState:
             return Outcome.RUNNING
         if self.protocol_error is not None:
             return Outcome.FAILED
-        if self.cancel_requested:
+        if self.cancel_requested or (self.done is not None and self.done.get("cancelled")):
             return Outcome.CANCELLED
-        if self.returncode == 0 and self.done is not None:
+        if self.returncode == 0 and self.done is not None and self.error is None:
             return Outcome.DONE
         if self.returncode == EXIT_BAD_INPUT:
             return Outcome.BAD_INPUT

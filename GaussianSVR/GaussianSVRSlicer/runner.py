@@ -119,7 +119,9 @@ class WorkerProcess:
             **options,
         )
         readers = [
-            threading.Thread(target=self._read, args=(self._process.stdout, classify_stdout_line), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self._process.stdout, classify_stdout_line), daemon=True
+            ),
             threading.Thread(target=self._read, args=(self._process.stderr, _log_event), daemon=True),
         ]
         for reader in readers:
@@ -178,7 +180,9 @@ class WorkerProcess:
         kill_process_tree(self._process)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Block until the process has exited and its output is queued; its return code, or None on timeout."""
+        """Block until the process has exited and its output is queued.
+
+        Returns the return code, or None on timeout."""
         if self._process is None:
             return None
         if not self._exited.wait(timeout):

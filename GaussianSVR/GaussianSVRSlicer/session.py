@@ -156,6 +156,8 @@ class ReconstructionSession:
         if self.worker is not None and not self._finalized:
             self.state.cancel_requested = True
             self.worker.stop(timeout_s)
+            for event in self.worker.poll():
+                self.state.handle(event)
             self._finalized = True
 
     # -- scene updates --------------------------------------------------------------------------
@@ -168,7 +170,8 @@ class ReconstructionSession:
             if self._gaussians is not None and style.visible:
                 with self.render_blocker():
                     nodes.update_model_node(
-                        self.gaussians_model, nodes.ellipsoid_polydata(self._gaussians, style.scale, style.max_count)
+                        self.gaussians_model,
+                        nodes.ellipsoid_polydata(self._gaussians, style.scale, style.max_count),
                     )
 
     def _output_name(self) -> str:
@@ -196,7 +199,9 @@ class ReconstructionSession:
                 self._gaussians = nodes.read_gaussians(gaussians_path)
                 style = self.request.glyphs
                 model = self._model_node()
-                nodes.update_model_node(model, nodes.ellipsoid_polydata(self._gaussians, style.scale, style.max_count))
+                nodes.update_model_node(
+                    model, nodes.ellipsoid_polydata(self._gaussians, style.scale, style.max_count)
+                )
                 nodes.set_model_visibility(model, style.visible)
         self.previews_shown += 1
         if first and volume_path and self.on_first_preview is not None:
@@ -212,7 +217,9 @@ class ReconstructionSession:
 
     def _model_node(self):
         if self.gaussians_model is None or not self.scene.IsNodePresent(self.gaussians_model):
-            self.gaussians_model = self.scene.AddNewNodeByClass("vtkMRMLModelNode", f"{self._output_name()} Gaussians")
+            self.gaussians_model = self.scene.AddNewNodeByClass(
+                "vtkMRMLModelNode", f"{self._output_name()} Gaussians"
+            )
             self.changes.created(self.gaussians_model)
         else:
             self.changes.will_modify(self.gaussians_model)
@@ -220,13 +227,18 @@ class ReconstructionSession:
 
     def _finalize(self) -> None:
         self._finalized = True
-        outcome = self.state.outcome
-        if outcome is Outcome.DONE:
+        if self.state.outcome is Outcome.DONE:
             done = self.state.done
             npz = None if done.get("gaussians") is None else str(Path(done["gaussians"]).with_suffix(".npz"))
-            self._show_files(done.get("volume"), npz)
+            try:
+                self._show_files(done.get("volume"), npz)
+            except (OSError, RuntimeError, ValueError) as error:
+                self.state.error = f"the result could not be loaded: {error}"  # the outcome becomes FAILED
             self.report = _read_report(done.get("report"))
-        elif outcome is Outcome.CANCELLED:
+        outcome = self.state.outcome
+        if outcome is Outcome.DONE:
+            return
+        if outcome is Outcome.CANCELLED:
             if self.state.checkpoint is not None and self.state.checkpoint is not self._shown_checkpoint:
                 self._show_checkpoint(self.state.checkpoint)
         else:

@@ -34,7 +34,7 @@ def same_rows(first: Sequence[Row], second: Sequence[Row], tolerance: float = 5e
         and _same_node(a.mask, b.mask)
         and a.include == b.include
         and abs(a.thickness - b.thickness) <= tolerance
-        for a, b in zip(first, second)
+        for a, b in zip(first, second, strict=True)
     )
 
 
@@ -83,7 +83,9 @@ class StackTable:
         if volume is None:
             used = {row.volume for row in self.rows()}
             candidates = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            volume = next((n for n in candidates if n not in used and not n.IsA("vtkMRMLLabelMapVolumeNode")), None)
+            volume = next(
+                (n for n in candidates if n not in used and not n.IsA("vtkMRMLLabelMapVolumeNode")), None
+            )
         thickness = default_thickness(volume) if volume is not None else 1.0
         self._append(Row(volume, None, thickness, True))
         self._changed()
@@ -110,7 +112,9 @@ class StackTable:
         stack.setCurrentNode(row.volume)
         stack.toolTip = "A stack of thick slices; the third axis is the slice axis"
 
-        mask = self._node_selector(["vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"], none_enabled=True)
+        mask = self._node_selector(
+            ["vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"], none_enabled=True
+        )
         mask.noneDisplay = "No mask"
         mask.setCurrentNode(row.mask)
         mask.toolTip = "Optional brain mask: a label map or a segmentation (its visible segments)"
@@ -122,10 +126,14 @@ class StackTable:
         thickness.singleStep = 0.5
         thickness.suffix = " mm"
         thickness.value = row.thickness
-        thickness.toolTip = "Slice thickness; prefilled from the slice spacing (they differ for gapped or overlapping slices)"
+        thickness.toolTip = (
+            "Slice thickness; prefilled from the slice spacing (they differ for gapped or overlapping slices)"
+        )
         thickness.connect("valueChanged(double)", lambda _value: self._changed())
 
-        stack.connect("currentNodeChanged(vtkMRMLNode*)", lambda node, box=thickness: self._stack_changed(node, box))
+        stack.connect(
+            "currentNodeChanged(vtkMRMLNode*)", lambda node, box=thickness: self._stack_changed(node, box)
+        )
         mask.connect("currentNodeChanged(vtkMRMLNode*)", lambda _node: self._changed())
 
         self.table.setCellWidget(index, INCLUDE, include)

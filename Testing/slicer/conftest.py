@@ -1,21 +1,32 @@
-"""Fixtures of the Slicer-layer tests: a fresh MRML scene and phantom stacks on disk."""
+"""Fixtures of the Slicer-layer tests: a fresh MRML scene and phantom stacks on disk.
+
+With ``--import-mode=importlib`` pytest puts nothing on sys.path. This folder goes there (for
+``slicer_helpers``), and so do the module's folder (``GaussianSVRSlicer``) and the repository root
+(``GaussianSVRLib``), as inside Slicer.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from slicer_helpers import write_stack
 
-from GaussianSVRSlicer import phantom
+HERE = Path(__file__).resolve().parent
+for path in (HERE, HERE.parents[1] / "GaussianSVR", HERE.parents[1]):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from GaussianSVRSlicer import phantom  # noqa: E402
+from slicer_helpers import TINY_PHANTOM, write_stack  # noqa: E402
 
 
 @pytest.fixture
 def phantom_files(tmp_path: Path) -> list[Path]:
-    """The three orthogonal phantom stacks as .nii.gz files."""
+    """The three orthogonal (tiny) phantom stacks as .nii.gz files."""
     return [
         write_stack(voxels, ijk_to_ras, tmp_path / f"stack{index}.nii.gz")
-        for index, (voxels, ijk_to_ras) in enumerate(phantom.orthogonal_stacks())
+        for index, (voxels, ijk_to_ras) in enumerate(phantom.orthogonal_stacks(**TINY_PHANTOM))
     ]
 
 

@@ -1,29 +1,29 @@
-"""Helpers shared by the Slicer-layer tests (a uniquely named module: ``conftest`` cannot be imported
-reliably when several test folders have one).
-
-Importing it puts the module's helpers (``GaussianSVRSlicer``, from GaussianSVR/) and the engine
-(``GaussianSVRLib``, repository root) on the path, as inside Slicer.
-"""
+"""Constants and helpers shared by the Slicer-layer tests (conftest.py puts this folder on sys.path)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "GaussianSVR"
-for path in (REPO, MODULE_DIR):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-#: Engine settings small enough for a run of a few seconds on two cores.
+#: A phantom and engine settings small enough for a run of about ten CPU seconds
+#: (3 stacks of 16 x 16 x 10 voxels; a checkpoint every second).
+TINY_PHANTOM = {"fov_mm": 40.0, "in_plane_mm": 2.5, "slice_mm": 4.0}
+TINY_SETTINGS = {
+    "nGaussians": 500,
+    "kNeighbours": 8,
+    "iterations": 5,
+    "outputResolution": 2.5,
+    "previewInterval": 1.0,
+}
 TINY_ENGINE_ARGS = [
-    "--preset", "preview", "--n-gaussians", "2000", "--k-neighbours", "8", "--device", "cpu",
-    "--output-resolution", "1.5", "--seed", "0",
+    "--preset", "preview", "--n-gaussians", "500", "--k-neighbours", "8", "--device", "cpu",
+    "--output-resolution", "2.5", "--checkpoint-interval", "1", "--seed", "0",
 ]  # fmt: skip
 
 

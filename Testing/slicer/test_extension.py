@@ -90,7 +90,11 @@ def test_top_level_cmake_follows_the_extension_template():
     subdirectories = [a[0] for name, a in commands if name == "add_subdirectory"]
     assert subdirectories == ["GaussianSVRLib", "GaussianSVR"]
     includes = [a[0] for name, a in commands if name == "include"]
-    assert includes == ["${Slicer_USE_FILE}", "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"]
+    assert includes == [
+        "${Slicer_USE_FILE}",
+        "${Slicer_EXTENSION_GENERATE_CONFIG}",
+        "${Slicer_EXTENSION_CPACK}",
+    ]
     assert names.index("find_package") < names.index("add_subdirectory")
 
 
@@ -107,7 +111,7 @@ def test_module_cmake_lists_every_script_and_resource():
     assert ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"]) in commands
 
 
-def test_engine_cmake_installs_every_engine_file_in_its_own_folder():
+def test_library_cmake_installs_every_library_file_in_its_own_folder():
     folder = REPO / "GaussianSVRLib"
     sections = build_call(cmake_commands(folder / "CMakeLists.txt"))
     assert sections["NAME"] == ["GaussianSVRLib"] and "WITH_SUBDIR" in sections

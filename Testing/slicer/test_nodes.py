@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer_helpers  # noqa: F401  (import paths)
-from scipy.spatial.transform import Rotation
-
-from GaussianSVRLib import progress
 from GaussianSVRSlicer import command, inputs, nodes, params, phantom, session
 from GaussianSVRSlicer.run_state import Outcome
+from scipy.spatial.transform import Rotation
+from slicer_helpers import TINY_PHANTOM, TINY_SETTINGS
+
+from GaussianSVRLib import progress
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -58,7 +58,9 @@ def slicer_reads(path: Path, scene):
 
 
 def write_gaussians(path: Path, means_lps, covariances_lps, intensities) -> Path:
-    np.savez(path, means=means_lps, covariances=covariances_lps, intensities=intensities, space=np.array("LPS"))
+    np.savez(
+        path, means=means_lps, covariances=covariances_lps, intensities=intensities, space=np.array("LPS")
+    )
     return path
 
 
@@ -80,7 +82,9 @@ def test_checkpoint_volume_gets_exact_oblique_geometry(scene, tmp_path, extensio
     voxels = slicer.util.arrayFromVolume(node)
     for i, j, k in [(0, 0, 0), (6, 0, 0), (0, 5, 0), (0, 0, 4), (3, 2, 1)]:
         lps = np.asarray(written.TransformIndexToPhysicalPoint((i, j, k)))
-        np.testing.assert_allclose(ijk_to_ras(node) @ [i, j, k, 1.0], [-lps[0], -lps[1], lps[2], 1.0], atol=1e-9)
+        np.testing.assert_allclose(
+            ijk_to_ras(node) @ [i, j, k, 1.0], [-lps[0], -lps[1], lps[2], 1.0], atol=1e-9
+        )
         assert voxels[k, j, i] == written.GetPixel(i, j, k)
     assert node.GetDisplayNode() is not None
 
@@ -127,7 +131,9 @@ def test_gaussians_become_ellipsoids_in_ras(tmp_path):
     np.testing.assert_allclose(mahalanobis, 1.0, rtol=1e-5)  # every vertex on the 1-sigma ellipsoid (float32)
     half = nodes.ellipsoid_polydata(gaussians, scale=0.5, max_count=10)
     half_first = vtk_to_numpy(half.GetPoints().GetData())[:per_glyph] - mean_ras
-    np.testing.assert_allclose(np.einsum("pi,ij,pj->p", half_first, np.linalg.inv(covariance_ras), half_first), 0.25, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.einsum("pi,ij,pj->p", half_first, np.linalg.inv(covariance_ras), half_first), 0.25, rtol=1e-5
+    )
 
 
 def test_model_node_is_shown_in_3d_and_slices_and_reused(scene, tmp_path):
@@ -156,7 +162,13 @@ def test_glyph_selection_ranks_by_signal():
 
 def test_gaussians_in_an_unknown_space_are_refused(tmp_path):
     path = tmp_path / "g.npz"
-    np.savez(path, means=np.zeros((1, 3)), covariances=np.eye(3)[None], intensities=np.ones(1), space=np.array("XYZ"))
+    np.savez(
+        path,
+        means=np.zeros((1, 3)),
+        covariances=np.eye(3)[None],
+        intensities=np.ones(1),
+        space=np.array("XYZ"),
+    )
     with pytest.raises(ValueError, match="XYZ"):
         nodes.read_gaussians(path)
 
@@ -226,7 +238,9 @@ def test_segmentation_and_label_map_masks(scene, tmp_path):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0].mask)))
     np.testing.assert_array_equal(mask, labels)  # on the stack's grid, same voxels
     full = sitk.ReadImage(str(files[1].mask))
-    assert sitk.GetArrayFromImage(full).all() and full.GetSize() == sitk.ReadImage(str(files[1].image)).GetSize()
+    assert (
+        sitk.GetArrayFromImage(full).all() and full.GetSize() == sitk.ReadImage(str(files[1].image)).GetSize()
+    )
 
     files = inputs.export_stacks([inputs.StackInput(stacks[0], labelmap, 3.0)], tmp_path)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(files[0].mask))), labels)
@@ -250,7 +264,9 @@ def test_input_problems_are_reported_before_any_run(scene, tmp_path):
 def test_scene_changes_rollback_restores_the_scene(scene, tmp_path):
     import slicer
 
-    existing = slicer.util.addVolumeFromArray(np.full((2, 3, 4), 7.0, dtype=np.float32), ijkToRAS=np.diag([2, 2, 2, 1.0]))
+    existing = slicer.util.addVolumeFromArray(
+        np.full((2, 3, 4), 7.0, dtype=np.float32), ijkToRAS=np.diag([2, 2, 2, 1.0])
+    )
     before = scene.GetNumberOfNodes()
     changes = nodes.SceneChanges(scene)
     changes.will_modify(existing)
@@ -273,32 +289,32 @@ def tiny_request(scene, **changes) -> session.Request:
     import slicer
 
     stacks = []
-    for index, (voxels, matrix) in enumerate(phantom.orthogonal_stacks()):
+    for index, (voxels, matrix) in enumerate(phantom.orthogonal_stacks(**TINY_PHANTOM)):
         node = slicer.util.addVolumeFromArray(voxels, ijkToRAS=matrix, name=f"stack {index}")
-        stacks.append(inputs.StackInput(node, None, 3.0))
+        stacks.append(inputs.StackInput(node, None, TINY_PHANTOM["slice_mm"]))
     settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
-    settings.update(
-        preset=params.Preset.PREVIEW, nGaussians=2000, kNeighbours=8, iterations=20,
-        device=params.Device.CPU, outputResolution=1.5,
-    )  # fmt: skip
+    settings.update(TINY_SETTINGS, preset=params.Preset.PREVIEW, device=params.Device.CPU)
     request = session.Request(stacks=stacks, settings=settings, glyphs=session.GlyphStyle(1.0, 300, True))
     for key, value in changes.items():
         setattr(request, key, value)
     return request
 
 
-def test_session_with_the_engine_fills_and_then_reuses_the_output_nodes(scene, tmp_path):
+def test_session_with_the_engine_fills_the_output_nodes_and_saves_the_files(scene, tmp_path):
     import slicer
 
     shown = []
+    saved_dir = tmp_path / "saved"
+    saved_dir.mkdir()
+    request = tiny_request(scene, output_folder=saved_dir)
     run = session.ReconstructionSession(
-        scene, tiny_request(scene), tmp_path / "run1", python=[sys.executable], on_first_preview=shown.append
+        scene, request, tmp_path / "run", python=[sys.executable], on_first_preview=shown.append
     )
     run.start()
     state = run.wait(timeout_s=240)
     assert state.outcome is Outcome.DONE, state.failure_details()
     volume, model = run.output_volume, run.gaussians_model
-    assert shown == [volume]
+    assert shown == [volume] and run.previews_shown >= 2  # a live preview, then the result
     voxels = slicer.util.arrayFromVolume(volume)
     assert voxels.max() > 0
     bounds = [0.0] * 6
@@ -307,38 +323,62 @@ def test_session_with_the_engine_fills_and_then_reuses_the_output_nodes(scene, t
     assert 0 < model.GetMesh().GetNumberOfPoints()
     assert model.GetDisplayNode().GetVisibility2D()
     assert len(run.report["stacks"]) == 3
-
-    again = tiny_request(scene, output_volume=volume, gaussians_model=model, output_folder=tmp_path)
-    count = scene.GetNumberOfNodes()
-    second = session.ReconstructionSession(scene, again, tmp_path / "run2", python=[sys.executable])
-    second.start()
-    assert second.wait(timeout_s=240).outcome is Outcome.DONE
-    assert second.output_volume is volume and second.gaussians_model is model
-    assert scene.GetNumberOfNodes() == count
-    saved = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
     name = command.safe_file_name(volume.GetName())
-    assert saved == sorted([f"{name}.nii.gz", f"{name}_gaussians.vtp", f"{name}_gaussians.npz", f"{name}_report.json"])
+    assert sorted(p.name for p in saved_dir.iterdir()) == sorted(
+        [f"{name}.nii.gz", f"{name}_gaussians.vtp", f"{name}_gaussians.npz", f"{name}_report.json"]
+    )
 
-    second.restyle_gaussians(session.GlyphStyle(0.5, 10, True))
+    run.restyle_gaussians(session.GlyphStyle(0.5, 10, True))
     per_glyph = model.GetMesh().GetNumberOfPoints() // 10
     assert per_glyph > 0 and model.GetMesh().GetNumberOfPoints() == 10 * per_glyph
-    second.restyle_gaussians(session.GlyphStyle(0.5, 10, False))
+    run.restyle_gaussians(session.GlyphStyle(0.5, 10, False))
     assert not model.GetDisplayNode().GetVisibility()
 
 
-def crashing_worker(tmp_path: Path, volume: Path, gaussians: Path) -> list[str]:
-    """A worker that shows one checkpoint, then crashes: the session must undo the preview."""
-    script = tmp_path / "crash.py"
-    checkpoint = progress.encode("checkpoint", iter=1, volume=str(volume), gaussians=str(gaussians), ellipsoids=None)
+def test_a_second_run_reuses_the_same_nodes(scene, tmp_path):
+    import slicer
+
+    volume, gaussians = preview_files(tmp_path)
+    report_path = tmp_path / "report.json"
+    report_path.write_text('{"stacks": [], "slices": []}', encoding="utf-8")
+    lines = [
+        progress.encode("started", device="cpu", total=10),
+        progress.encode("checkpoint", iter=1, volume=volume, gaussians=gaussians, ellipsoids=None),
+        progress.encode("done", volume=volume, gaussians=gaussians, report=str(report_path), elapsed_s=1.0),
+    ]
+    first = session.ReconstructionSession(
+        scene, tiny_request(scene), tmp_path / "r1", python=scripted_worker(tmp_path, lines, 0)
+    )
+    first.start()
+    assert first.wait(timeout_s=30).outcome is Outcome.DONE
+    output, model = first.output_volume, first.gaussians_model
+    again = tiny_request(scene, output_volume=output, gaussians_model=model)
+    count = scene.GetNumberOfNodes()
+    second = session.ReconstructionSession(
+        scene, again, tmp_path / "r2", python=scripted_worker(tmp_path, lines, 0)
+    )
+    second.start()
+    assert second.wait(timeout_s=30).outcome is Outcome.DONE
+    assert second.output_volume is output and second.gaussians_model is model
+    assert scene.GetNumberOfNodes() == count
+    assert slicer.util.arrayFromVolume(output).shape == (5, 6, 7) and second.report == {
+        "stacks": [],
+        "slices": [],
+    }
+
+
+def scripted_worker(tmp_path: Path, messages: list[str], exit_code: int) -> list[str]:
+    """A worker that prints the given protocol lines, logs a line and exits with ``exit_code``."""
+    script = tmp_path / "scripted.py"
     script.write_text(
         textwrap.dedent(
             f"""
             import sys, time
-            print({progress.encode("started", device="cpu", total=10)!r}, flush=True)
-            print({checkpoint!r}, flush=True)
-            time.sleep(0.5)
-            print("about to fail", file=sys.stderr, flush=True)
-            sys.exit(3)
+            for line in {messages!r}:
+                print(line, flush=True)
+                time.sleep(0.2)
+            print("about to exit", file=sys.stderr, flush=True)
+            sys.exit({exit_code})
             """
         ),
         encoding="utf-8",
@@ -346,18 +386,33 @@ def crashing_worker(tmp_path: Path, volume: Path, gaussians: Path) -> list[str]:
     return [sys.executable, str(script)]
 
 
+def run_scripted(scene, tmp_path, messages, exit_code):
+    """A session (not started) with an existing output volume and a scripted worker: (run, output)."""
+    import slicer
+
+    output = slicer.util.addVolumeFromArray(np.full((2, 3, 4), 5.0, dtype=np.float32), name="previous result")
+    request = tiny_request(scene, output_volume=output)
+    worker = scripted_worker(tmp_path, messages, exit_code)
+    run = session.ReconstructionSession(scene, request, tmp_path / "r", python=worker, preview_interval_s=0)
+    return run, output
+
+
+def preview_files(tmp_path: Path) -> tuple[str, str]:
+    sitk.WriteImage(oblique_image(), str(tmp_path / "preview.nrrd"))
+    write_gaussians(tmp_path / "g.npz", np.zeros((2, 3)), np.tile(np.eye(3), (2, 1, 1)), np.ones(2))
+    return str(tmp_path / "preview.nrrd"), str(tmp_path / "g.npz")
+
+
 def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
     import slicer
 
-    sitk.WriteImage(oblique_image(), str(tmp_path / "preview.nrrd"))
-    write_gaussians(tmp_path / "g.npz", np.zeros((2, 3)), np.tile(np.eye(3), (2, 1, 1)), np.ones(2))
-    output = slicer.util.addVolumeFromArray(np.full((2, 3, 4), 5.0, dtype=np.float32), name="previous result")
-    request = tiny_request(scene, output_volume=output)
+    volume, gaussians = preview_files(tmp_path)
+    lines = [
+        progress.encode("started", device="cpu", total=10),
+        progress.encode("checkpoint", iter=1, volume=volume, gaussians=gaussians, ellipsoids=None),
+    ]
+    run, output = run_scripted(scene, tmp_path, lines, exit_code=3)
     before = scene.GetNumberOfNodes()
-    run = session.ReconstructionSession(
-        scene, request, tmp_path / "run", python=crashing_worker(tmp_path, tmp_path / "preview.nrrd", tmp_path / "g.npz"),
-        preview_interval_s=0.0,
-    )  # fmt: skip
     run.start()
     while run.previews_shown == 0 and not run.finished:
         run.poll()
@@ -365,10 +420,30 @@ def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
     state = run.wait(timeout_s=30)
 
     assert state.outcome is Outcome.FAILED and state.returncode == 3
-    assert "about to fail" in state.failure_details()
+    assert "about to exit" in state.failure_details()
     assert scene.GetNumberOfNodes() == before
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), 5.0)
     assert run.output_volume is output and run.gaussians_model is None
+
+
+def test_a_result_that_cannot_be_loaded_is_a_failure(scene, tmp_path):
+    import slicer
+
+    volume, gaussians = preview_files(tmp_path)
+    lines = [
+        progress.encode("started", device="cpu", total=10),
+        progress.encode("checkpoint", iter=1, volume=volume, gaussians=gaussians, ellipsoids=None),
+        progress.encode(
+            "done", volume=str(tmp_path / "missing.nii.gz"), gaussians=None, report=None, elapsed_s=1
+        ),
+    ]
+    run, output = run_scripted(scene, tmp_path, lines, exit_code=0)
+    before = scene.GetNumberOfNodes()
+    run.start()
+    state = run.wait(timeout_s=30)
+    assert state.outcome is Outcome.FAILED and "could not be loaded" in state.failure_summary()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), 5.0)
+    assert scene.GetNumberOfNodes() == before  # the model node made for the preview is gone
 
 
 def test_a_worker_of_another_protocol_version_is_stopped(scene, tmp_path):
@@ -387,3 +462,16 @@ def test_a_worker_of_another_protocol_version_is_stopped(scene, tmp_path):
     state = run.wait(timeout_s=30)
     assert state.outcome is Outcome.FAILED and "protocol version 0" in state.failure_summary()
     assert run.worker.killed  # it ignored the cancel
+
+
+def test_stop_ends_a_running_session_at_once(scene, tmp_path):
+    """What closing the scene or Slicer does: the worker is gone and the session finished."""
+    lines = [progress.encode("started", device="cpu", total=10)] + ["still working"] * 300
+    run, output = run_scripted(scene, tmp_path, lines, exit_code=0)
+    run.grace_s = 0.3
+    run.start()
+    run.wait(timeout_s=1.0)
+    assert not run.finished
+    run.stop(timeout_s=0.3)
+    assert run.finished and not run.worker.running
+    assert run.state.outcome is Outcome.CANCELLED and run.state.status_text().startswith("Cancelled")

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from slicer_helpers import REPO, TINY_ENGINE_ARGS
-
-from GaussianSVRLib import progress
 from GaussianSVRSlicer import command, run_state
 from GaussianSVRSlicer.run_state import Outcome, RunState, Throttle, format_duration
 from GaussianSVRSlicer.runner import EventKind, WorkerProcess, classify_stdout_line
+from slicer_helpers import REPO, TINY_ENGINE_ARGS
+
+from GaussianSVRLib import progress
 
 
 def engine_worker(stacks: list[Path], out: Path, iterations: int, grace_s: float = 20.0) -> WorkerProcess:
@@ -72,8 +72,8 @@ def gone(pid: int) -> bool:
 # -- the real engine --------------------------------------------------------------------------------
 
 
-def test_engine_run_reports_started_progress_and_done(phantom_files, tmp_path):
-    worker = engine_worker(phantom_files, tmp_path, iterations=20)
+def test_engine_run_reports_started_progress_checkpoints_and_done(phantom_files, tmp_path):
+    worker = engine_worker(phantom_files, tmp_path, iterations=5)
     worker.start()
     events = collect(worker, timeout_s=240)
     state = RunState()
@@ -83,16 +83,22 @@ def test_engine_run_reports_started_progress_and_done(phantom_files, tmp_path):
     assert events[-1].kind is EventKind.EXITED and events[-1].returncode == 0, state.failure_details()
     assert [e for e in events if e.kind is EventKind.PROTOCOL_ERROR] == []
     started = messages(events, "started")
-    assert len(started) == 1 and started[0]["device"] == "cpu" and started[0]["total"] == 20
+    assert len(started) == 1 and started[0]["device"] == "cpu" and started[0]["total"] == 5
     iterations = [m["iter"] for m in messages(events, "progress")]
-    assert iterations and iterations == sorted(iterations) and iterations[-1] <= 20
+    assert iterations and iterations == sorted(iterations) and iterations[-1] == 5
+    checkpoints = messages(events, "checkpoint")
+    assert checkpoints, "a checkpoint every second was asked for"
+    for checkpoint in checkpoints:
+        assert Path(checkpoint["volume"]).is_file() and Path(checkpoint["gaussians"]).is_file()
     (done,) = messages(events, "done")
     for key in ("volume", "report"):
         assert Path(done[key]).is_file()
     assert Path(done["gaussians"]).with_suffix(".npz").is_file()
     assert state.outcome is Outcome.DONE and state.fraction == 1.0
     report = json.loads(Path(done["report"]).read_text())
-    assert len(report["stacks"]) == 3 and len(report["slices"]) == sum(s["n_slices"] for s in report["stacks"])
+    assert len(report["stacks"]) == 3 and len(report["slices"]) == sum(
+        s["n_slices"] for s in report["stacks"]
+    )
     assert not worker.running and worker.returncode == 0
 
 
@@ -140,8 +146,8 @@ def test_crashing_worker_reports_its_last_log_lines(tmp_path):
     args = write_script(
         tmp_path,
         f"""
-        import json, sys
-        print(json.dumps({{"v": {progress.PROTOCOL_VERSION}, "type": "started", "device": "cpu", "total": 10}}), flush=True)
+        import sys
+        print({progress.encode("started", device="cpu", total=10)!r}, flush=True)
         for i in range(30):
             print(f"working {{i}}", file=sys.stderr, flush=True)
         raise MemoryError("out of memory while sampling the volume")
@@ -162,7 +168,14 @@ def test_crashing_worker_reports_its_last_log_lines(tmp_path):
 
 
 def test_malformed_and_non_json_lines_are_log_text_or_protocol_errors(tmp_path):
-    good = {"v": progress.PROTOCOL_VERSION, "type": "progress", "iter": 3, "total": 9, "loss": 0.5, "eta_s": 4.0}
+    good = {
+        "v": progress.PROTOCOL_VERSION,
+        "type": "progress",
+        "iter": 3,
+        "total": 9,
+        "loss": 0.5,
+        "eta_s": 4.0,
+    }
     args = write_script(
         tmp_path,
         f"""

@@ -17,35 +17,36 @@ from slicer_helpers import MODULE_DIR, REPO
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from GaussianSVRSlicer import params  # noqa: E402
 from PySide6.QtCore import QFile  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 from PySide6.QtWidgets import QApplication, QWidget  # noqa: E402
-
-from GaussianSVRSlicer import params  # noqa: E402
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "GaussianSVR.ui"
 MODULE_FILE = MODULE_DIR / "GaussianSVR.py"
 PARAMETER_PROPERTY = "SlicerParameterName"
 
-#: Q_PROPERTYs of the Slicer/CTK widgets (the stand-ins have none; their signals and slots are
-#: checked in the XML, so QUiLoader's warnings about the mrmlSceneChanged connection are expected) the .ui uses, from their headers (qMRMLNodeComboBox.h in
+#: Q_PROPERTYs of the Slicer/CTK widgets the .ui uses, from their headers (qMRMLNodeComboBox.h in
 #: Slicer; ctkCollapsibleButton.h, ctkSliderWidget.h, ctkDirectoryButton.h in CTK), plus the
-#: QAbstractButton properties ctkCollapsibleButton inherits.
+#: QAbstractButton properties ctkCollapsibleButton inherits. The stand-ins registered with QUiLoader
+#: are bare QWidgets: their signals and slots are checked in the XML, so QUiLoader's warning about
+#: the mrmlSceneChanged connection is expected.
 CUSTOM_PROPERTIES = {
     "qMRMLWidget": set(),
     "qMRMLNodeComboBox": {
-        "currentNodeID", "nodeTypes", "showHidden", "showChildNodeTypes", "hideChildNodeTypes", "baseName",
-        "noneEnabled", "addEnabled", "removeEnabled", "editEnabled", "renameEnabled", "selectNodeUponCreation",
-        "noneDisplay", "sizeAdjustPolicy", "interactionNodeSingletonTag",
+        "currentNodeID", "nodeTypes", "showHidden", "showChildNodeTypes", "hideChildNodeTypes",
+        "baseName", "noneEnabled", "addEnabled", "removeEnabled", "editEnabled", "renameEnabled",
+        "selectNodeUponCreation", "noneDisplay", "sizeAdjustPolicy", "interactionNodeSingletonTag",
     },
     "ctkCollapsibleButton": {
-        "collapsed", "collapsedHeight", "flat", "contentsFrameShape", "contentsFrameShadow", "contentsLineWidth",
-        "contentsMidLineWidth", "buttonTextAlignment", "indicatorAlignment", "text", "icon", "checkable", "checked",
+        "collapsed", "collapsedHeight", "flat", "contentsFrameShape", "contentsFrameShadow",
+        "contentsLineWidth", "contentsMidLineWidth", "buttonTextAlignment", "indicatorAlignment", "text",
+        "icon", "checkable", "checked",
     },
     "ctkSliderWidget": {
-        "decimals", "singleStep", "pageStep", "minimum", "maximum", "value", "prefix", "suffix", "tickInterval",
-        "tickPosition", "synchronizeSiblings", "spinBoxAlignment", "tracking", "spinBoxVisible", "popupSlider",
-        "invertedAppearance", "invertedControls",
+        "decimals", "singleStep", "pageStep", "minimum", "maximum", "value", "prefix", "suffix",
+        "tickInterval", "tickPosition", "synchronizeSiblings", "spinBoxAlignment", "tracking",
+        "spinBoxVisible", "popupSlider", "invertedAppearance", "invertedControls",
     },
     "ctkDirectoryButton": {"acceptMode", "directory", "caption", "text", "icon", "elideMode", "options"},
 }  # fmt: skip
@@ -78,16 +79,11 @@ class WithinRange:
         self.minimum, self.maximum = minimum, maximum
 
 
-class Decimals:
-    def __init__(self, value):
-        self.value = value
-
-
 def node_class(name: str) -> type:
     return type(name, (StandInNode,), {})
 
 
-NAMESPACE = params.parameter_namespace(node_class, WithinRange, Decimals)
+NAMESPACE = params.parameter_namespace(node_class, WithinRange)
 ANNOTATIONS = NAMESPACE["__annotations__"]
 
 
@@ -151,7 +147,14 @@ def ui_attributes(path: pathlib.Path) -> set[str]:
 
 def test_every_widget_the_module_uses_exists(loaded):
     used = ui_attributes(MODULE_FILE)
-    assert {"applyButton", "stacksTable", "progressBar", "statusLabel", "logTextEdit", "qcTextBrowser"} <= used
+    assert {
+        "applyButton",
+        "stacksTable",
+        "progressBar",
+        "statusLabel",
+        "logTextEdit",
+        "qcTextBrowser",
+    } <= used
     missing = sorted(name for name in used if loaded.findChild(QWidget, name) is None)
     assert missing == []
 
@@ -183,7 +186,9 @@ def test_ui_ranges_match_the_parameter_ranges(tree):
         element = bound[spec.name]
         values = {p.get("name"): p[0].text for p in element.findall("property")}
         if spec.minimum is not None:
-            assert float(values["minimum"]) == spec.minimum and float(values["maximum"]) == spec.maximum, spec.name
+            assert float(values["minimum"]) == spec.minimum and float(values["maximum"]) == spec.maximum, (
+                spec.name
+            )
         if spec.decimals is not None:
             assert int(values["decimals"]) == spec.decimals, spec.name
 
@@ -205,21 +210,28 @@ def test_properties_set_in_the_ui_exist_on_the_widgets(loaded, tree):
                 }
                 assert prop.get("name") in known, f"{widget_class} {name} has no property {prop.get('name')}"
             else:
-                assert widget.metaObject().indexOfProperty(prop.get("name")) >= 0, f"{name}.{prop.get('name')}"
+                assert widget.metaObject().indexOfProperty(prop.get("name")) >= 0, (
+                    f"{name}.{prop.get('name')}"
+                )
 
 
 def test_every_node_selector_receives_the_scene(tree):
     receivers = {
         c.findtext("receiver")
         for c in tree.iter("connection")
-        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
     }
     selectors = {w.get("name") for w in tree.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
     assert selectors and selectors <= receivers
 
 
 def test_module_file_defines_the_four_classes():
-    classes = {node.name for node in ast.parse(MODULE_FILE.read_text(encoding="utf-8")).body if isinstance(node, ast.ClassDef)}
+    classes = {
+        node.name
+        for node in ast.parse(MODULE_FILE.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.ClassDef)
+    }
     assert {"GaussianSVR", "GaussianSVRWidget", "GaussianSVRLogic", "GaussianSVRTest"} <= classes
 
 
@@ -256,7 +268,9 @@ def test_engine_arguments():
     values.update(preset=params.Preset.HIGH, device=params.Device.CUDA, nGaussians=1234, coarseToFine=False)
     arguments = params.engine_arguments(values)
     pairs = {
-        flag: value for flag, value in zip(arguments, arguments[1:] + [""]) if flag.startswith("--") and not value.startswith("--")
+        flag: value
+        for flag, value in zip(arguments, arguments[1:] + [""], strict=True)
+        if flag.startswith("--") and not value.startswith("--")
     }
     assert pairs["--preset"] == "high" and pairs["--device"] == "cuda" and pairs["--n-gaussians"] == "1234"
     assert "--no-coarse-to-fine" in arguments

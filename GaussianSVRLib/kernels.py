@@ -1,0 +1,374 @@
+"""Fused CPU kernels (numba) for forward.evaluate: one pass per pixel, a hand-derived backward.
+
+Plain torch materializes (B, K, ...) gathers for every intermediate and its backward scatters them
+back with index_add; here each pixel-Gaussian pair is computed in registers, in float64 (the 3x3
+determinant of a thin PSF-widened covariance loses digits in float32), and the backward recomputes
+the pair instead of storing it. numba is optional: it is imported on first use, so this module
+imports without it; call available() first.
+
+Per pair (b, j), with d = x_b - mu_j, S = Sigma_j + PSF_b as a 6-vector (xx, xy, xz, yy, yz, zz),
+adj/det its adjugate and determinant and D = max(det, 1e-12) (the clamp of psf.convolved_gaussian):
+
+    w_bj = exp(-0.5 d^T adj d / D) * sqrt(det Sigma_j / D)    ("exact"; "none" with S = Sigma_j)
+    w_bj = exp(-0.5 d^T adj d / D)                            ("normalized")
+
+out_b = sum_j c_j w_bj, divided by (sum_j w_bj + delta) in the normalized mode. The backward
+differentiates the same polynomial expressions torch does (including the clamp), so it matches
+torch autograd of forward.evaluate to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from .forward import NORMALIZATION_DELTA, PSF_MODES
+
+DET_FLOOR = 1e-12
+#: Columns of the per-Gaussian gradient buffer: means (3), cov6 (6), cov_det (1), intensities (1).
+GAUSSIAN_GRAD_COLUMNS = 11
+#: Resolution of the space-filling-curve order of the pixels (bits per axis; 5 makes 16-bit keys).
+ORDER_BITS = 5
+#: Pixels per work item of the kernels (handed to threads dynamically: the machine may be shared).
+PIXEL_CHUNK = 512
+
+
+def available() -> bool:
+    """True if numba can be imported (the fused kernels can run)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+#: The numba module once _kernels() has imported it: this module must import without numba.
+numba = None
+
+
+def _forward_kernel(
+    points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized, out, norm, chunk
+):
+    n_points, k_max = neighbours.shape
+    use_psf = psf6.shape[0] == n_points
+    for t in numba.prange((n_points + chunk - 1) // chunk):
+        for i in range(t * chunk, min((t + 1) * chunk, n_points)):
+            x = np.float64(points[i, 0])
+            y = np.float64(points[i, 1])
+            z = np.float64(points[i, 2])
+            p0 = p1 = p2 = p3 = p4 = p5 = 0.0
+            if use_psf:
+                p0, p1, p2 = np.float64(psf6[i, 0]), np.float64(psf6[i, 1]), np.float64(psf6[i, 2])
+                p3, p4, p5 = np.float64(psf6[i, 3]), np.float64(psf6[i, 4]), np.float64(psf6[i, 5])
+            num = 0.0
+            total = 0.0
+            for k in range(k_max):
+                j = neighbours[i, k]
+                dx = x - means[j, 0]
+                dy = y - means[j, 1]
+                dz = z - means[j, 2]
+                a, b, c = cov6[j, 0] + p0, cov6[j, 1] + p1, cov6[j, 2] + p2
+                d, e, f = cov6[j, 3] + p3, cov6[j, 4] + p4, cov6[j, 5] + p5
+                aa, ab, ac = d * f - e * e, c * e - b * f, b * e - c * d
+                ad, ae, af = a * f - c * c, b * c - a * e, a * d - b * b
+                det = a * aa + b * ab + c * ac
+                det = max(det, DET_FLOOR)
+                q = (
+                    aa * dx * dx
+                    + ad * dy * dy
+                    + af * dz * dz
+                    + 2.0 * (ab * dx * dy + ac * dx * dz + ae * dy * dz)
+                )
+                w = np.exp(-0.5 * q / det)
+                if exact:
+                    w *= np.sqrt(cov_det[j] / det)
+                num += intensities[j] * w
+                total += w
+            if normalized:
+                # kept in float64 for the backward: c_j - mean cancels where one Gaussian dominates
+                norm[i, 0] = total + NORMALIZATION_DELTA
+                norm[i, 1] = num / (total + NORMALIZATION_DELTA)
+                out[i] = norm[i, 1]
+            else:
+                out[i] = num
+
+
+def _backward_kernel(
+    order, points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized,
+    grad_out, norm, grad_points, grad_psf, grad_gaussians, chunk,
+):  # fmt: skip
+    """Gradients of the forward kernel's output given grad_out (B,).
+
+    grad_points (B, 3) and grad_psf (B, 6) are written if they have B rows (else skipped);
+    grad_gaussians (T, N, 11) is accumulated if it has N rows, each thread into its own slice
+    (no races; the caller sums the T slices). Pixels are visited in ``order`` (B,), in chunks
+    handed to threads dynamically.
+    """
+    n_points, k_max = neighbours.shape
+    use_psf = psf6.shape[0] == n_points
+    want_points = grad_points.shape[0] == n_points
+    want_psf = use_psf and grad_psf.shape[0] == n_points
+    want_gaussians = grad_gaussians.shape[1] == means.shape[0]
+    n_chunks = (n_points + chunk - 1) // chunk
+    for t in numba.prange(n_chunks):
+        acc = grad_gaussians[numba.get_thread_id()]
+        for rank in range(t * chunk, min((t + 1) * chunk, n_points)):
+            i = order[rank]
+            go = np.float64(grad_out[i])
+            if go == 0.0:
+                continue
+            x = np.float64(points[i, 0])
+            y = np.float64(points[i, 1])
+            z = np.float64(points[i, 2])
+            p0 = p1 = p2 = p3 = p4 = p5 = 0.0
+            if use_psf:
+                p0, p1, p2 = np.float64(psf6[i, 0]), np.float64(psf6[i, 1]), np.float64(psf6[i, 2])
+                p3, p4, p5 = np.float64(psf6[i, 3]), np.float64(psf6[i, 4]), np.float64(psf6[i, 5])
+            mean_out = 0.0
+            if normalized:
+                go /= norm[i, 0]
+                mean_out = norm[i, 1]
+            gx = gy = gz = 0.0
+            g0 = g1 = g2 = g3 = g4 = g5 = 0.0
+            for k in range(k_max):
+                j = neighbours[i, k]
+                dx = x - means[j, 0]
+                dy = y - means[j, 1]
+                dz = z - means[j, 2]
+                a, b, c = cov6[j, 0] + p0, cov6[j, 1] + p1, cov6[j, 2] + p2
+                d, e, f = cov6[j, 3] + p3, cov6[j, 4] + p4, cov6[j, 5] + p5
+                aa, ab, ac = d * f - e * e, c * e - b * f, b * e - c * d
+                ad, ae, af = a * f - c * c, b * c - a * e, a * d - b * b
+                det = a * aa + b * ab + c * ac
+                live = det >= DET_FLOOR  # the clamp passes no gradient below the floor
+                det = max(det, DET_FLOOR)
+                inv = 1.0 / det
+                ux = aa * dx + ab * dy + ac * dz
+                uy = ab * dx + ad * dy + ae * dz
+                uz = ac * dx + ae * dy + af * dz
+                q = dx * ux + dy * uy + dz * uz
+                g = np.exp(-0.5 * q * inv)
+                amp = np.sqrt(cov_det[j] * inv) if exact else 1.0
+                w = g * amp
+                cj = intensities[j]
+                grad_w = go * (cj - mean_out)
+                grad_log = grad_w * w  # dL/dlog(w)
+                # d log w / d delta = -adj delta / D
+                sx = -grad_log * inv * ux
+                sy = -grad_log * inv * uy
+                sz = -grad_log * inv * uz
+                # d log w / d S: through q = delta^T adj(S) delta (polynomial in S) and through D
+                xx, xy, xz, yy, yz, zz = (
+                    dx * dx,
+                    2.0 * dx * dy,
+                    2.0 * dx * dz,
+                    dy * dy,
+                    2.0 * dy * dz,
+                    dz * dz,
+                )
+                hq = -0.5 * grad_log * inv
+                hd = 0.0
+                if live:
+                    hd = grad_log * (0.5 * q * inv * inv - (0.5 * inv if exact else 0.0))
+                s0 = hq * (yy * f - yz * e + zz * d) + hd * aa
+                s1 = hq * (-xy * f + xz * e + yz * c - 2.0 * zz * b) + hd * 2.0 * ab
+                s2 = hq * (xy * e - xz * d - 2.0 * yy * c + yz * b) + hd * 2.0 * ac
+                s3 = hq * (xx * f - xz * c + zz * a) + hd * ad
+                s4 = hq * (-2.0 * xx * e + xy * c + xz * b - yz * a) + hd * 2.0 * ae
+                s5 = hq * (xx * d - xy * b + yy * a) + hd * af
+                gx += sx
+                gy += sy
+                gz += sz
+                g0 += s0
+                g1 += s1
+                g2 += s2
+                g3 += s3
+                g4 += s4
+                g5 += s5
+                if want_gaussians:
+                    acc[j, 0] -= sx
+                    acc[j, 1] -= sy
+                    acc[j, 2] -= sz
+                    acc[j, 3] += s0
+                    acc[j, 4] += s1
+                    acc[j, 5] += s2
+                    acc[j, 6] += s3
+                    acc[j, 7] += s4
+                    acc[j, 8] += s5
+                    if exact:
+                        acc[j, 9] += grad_w * g * 0.5 / (amp * det)
+                    acc[j, 10] += go * w
+            if want_points:
+                grad_points[i, 0] = gx
+                grad_points[i, 1] = gy
+                grad_points[i, 2] = gz
+            if want_psf:
+                grad_psf[i, 0] = g0
+                grad_psf[i, 1] = g1
+                grad_psf[i, 2] = g2
+                grad_psf[i, 3] = g3
+                grad_psf[i, 4] = g4
+                grad_psf[i, 5] = g5
+
+
+def _morton_order(points, bits):
+    """Permutation (B,) visiting points (B, 3) along a Morton curve on a 2**bits grid of their box.
+
+    A counting sort on the curve index: O(B + 8**bits). Non-finite points go first.
+    """
+    n_points = points.shape[0]
+    low = np.full(3, np.inf)
+    high = np.full(3, -np.inf)
+    for i in range(n_points):
+        for axis in range(3):
+            v = points[i, axis]
+            if np.isfinite(v):
+                low[axis] = min(low[axis], v)
+                high[axis] = max(high[axis], v)
+    top = (1 << bits) - 1
+    scale = top / max(high[0] - low[0], high[1] - low[1], high[2] - low[2], 1e-12)
+    keys = np.zeros(n_points, np.int64)
+    for i in range(n_points):
+        key = 0
+        for axis in range(3):
+            v = points[i, axis]
+            cell = int(min(max((v - low[axis]) * scale, 0.0), top)) if np.isfinite(v) else 0
+            for bit in range(bits):
+                key |= ((cell >> bit) & 1) << (3 * bit + axis)
+        keys[i] = key
+    counts = np.zeros((1 << (3 * bits)) + 1, np.int64)
+    for i in range(n_points):
+        counts[keys[i] + 1] += 1
+    for key in range(1, counts.shape[0]):
+        counts[key] += counts[key - 1]
+    order = np.empty(n_points, np.int64)
+    for i in range(n_points):
+        order[counts[keys[i]]] = i
+        counts[keys[i]] += 1
+    return order
+
+
+@functools.cache
+def _kernels():
+    """The compiled forward and backward kernels (from numba's on-disk cache when possible)."""
+    global numba
+    import numba
+
+    compile_ = numba.njit(parallel=True, fastmath=True, cache=True)
+    return (
+        compile_(_forward_kernel),
+        compile_(_backward_kernel),
+        numba.njit(cache=True)(_morton_order),
+    )
+
+
+def _threads() -> int:
+    """Use as many numba threads as torch does (within numba's pool size)."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+def _check_inputs(points, neighbours, means, cov6, cov_det, intensities, psf6, mode) -> None:
+    """Raise what torch would on bad inputs: the kernels index without bounds checks."""
+    if mode not in PSF_MODES:
+        raise ValueError(f"unknown PSF mode {mode!r}; expected one of {PSF_MODES}")
+    if points.device.type != "cpu":
+        raise ValueError(f"the fused kernels run on the CPU, got points on {points.device}")
+    if points.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the fused kernels need float32 or float64 points, got {points.dtype}")
+    n_points, n_gaussians = points.shape[0], means.shape[0]
+    shapes = {
+        "points": (points, (n_points, 3)),
+        "neighbours": (neighbours, (n_points, neighbours.shape[-1])),
+        "means": (means, (n_gaussians, 3)),
+        "cov6": (cov6, (n_gaussians, 6)),
+        "cov_det": (cov_det, (n_gaussians,)),
+        "intensities": (intensities, (n_gaussians,)),
+    }
+    if psf6 is not None:
+        shapes["psf6"] = (psf6, (n_points, 6))
+    for name, (tensor, shape) in shapes.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if neighbours.numel() and (int(neighbours.min()) < 0 or int(neighbours.max()) >= n_gaussians):
+        raise IndexError(f"neighbours index outside 0..{n_gaussians - 1}")
+
+
+class _FusedEvaluate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, points, neighbours, means, cov6, cov_det, intensities, psf6, mode):
+        dtype = points.dtype
+        use_psf = psf6 is not None and mode != "none"
+        floats = [t.detach().to(dtype).contiguous() for t in (points, means, cov6, cov_det, intensities)]
+        psf = psf6.detach().to(dtype).contiguous() if use_psf else torch.zeros(0, 6, dtype=dtype)
+        index = neighbours.detach().to(torch.int64).contiguous()
+        p, m, c6, cd, c = (t.numpy() for t in floats)
+        exact, normalized = mode != "normalized", mode == "normalized"
+        out = np.empty(len(p), p.dtype)
+        norm = np.empty((len(p) if normalized else 0, 2))
+        forward_kernel, _, _ = _kernels()
+        _threads()
+        with numba.parallel_chunksize(1):
+            forward_kernel(p, index.numpy(), m, c6, cd, c, psf.numpy(), exact, normalized, out, norm,
+                           PIXEL_CHUNK)  # fmt: skip
+        result = torch.from_numpy(out)
+        # saved as tensors so that autograd notices inputs modified in place before the backward
+        ctx.save_for_backward(*floats, psf, index)
+        ctx.mode_flags = (exact, normalized, use_psf)
+        ctx.norm = norm
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        p, m, c6, cd, c, psf, index = (t.numpy() for t in ctx.saved_tensors)
+        exact, normalized, use_psf = ctx.mode_flags
+        need = ctx.needs_input_grad
+        n_points, n_gaussians = len(p), len(m)
+        want_points, want_psf, want_gaussians = need[0], need[6] and use_psf, any(need[2:6])
+        grad_points = np.zeros((n_points if want_points else 0, 3), p.dtype)
+        grad_psf = np.zeros((n_points if want_psf else 0, 6), p.dtype)
+        _, backward_kernel, morton_order = _kernels()
+        order = morton_order(p, ORDER_BITS)
+        threads = _threads()
+        grad_gaussians = np.zeros((threads, n_gaussians if want_gaussians else 0, GAUSSIAN_GRAD_COLUMNS))
+        go = grad_out.detach().to(ctx.saved_tensors[0].dtype).contiguous().numpy()
+        with numba.parallel_chunksize(1):
+            backward_kernel(order, p, index, m, c6, cd, c, psf, exact, normalized, go, ctx.norm,
+                            grad_points, grad_psf, grad_gaussians, PIXEL_CHUNK)  # fmt: skip
+        total = torch.from_numpy(grad_gaussians.sum(0).astype(p.dtype)) if want_gaussians else None
+
+        def part(flag: bool, columns: slice) -> torch.Tensor | None:
+            return total[:, columns].squeeze(-1).contiguous() if flag else None
+
+        return (
+            torch.from_numpy(grad_points) if want_points else None,
+            None,
+            part(need[2], slice(0, 3)),
+            part(need[3], slice(3, 9)),
+            part(need[4], slice(9, 10)),  # zeros in the normalized mode, as in torch
+            part(need[5], slice(10, 11)),
+            torch.from_numpy(grad_psf) if want_psf else None,
+            None,
+        )
+
+
+def evaluate_fused(
+    points: torch.Tensor,
+    neighbours: torch.Tensor,
+    means: torch.Tensor,
+    cov6: torch.Tensor,
+    cov_det: torch.Tensor,
+    intensities: torch.Tensor,
+    psf6: torch.Tensor | None = None,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """forward.evaluate (same arguments, shapes and result) as one fused CPU kernel pair.
+
+    CPU tensors only; the result has the dtype of points (float32 or float64), the other inputs are
+    converted to it; per-pair arithmetic is float64. Differentiable (once) w.r.t. points, means,
+    cov6, cov_det, intensities and psf6. Needs numba (see available()).
+    """
+    _check_inputs(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
+    return _FusedEvaluate.apply(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)

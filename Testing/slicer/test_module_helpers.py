@@ -1,0 +1,201 @@
+"""The module's plain-Python helpers: the worker's command line and environment, the dependency
+decisions (what to install, how, and what never to touch), and the QC summary of a report."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from GaussianSVRSlicer import command, deps, params, report
+from slicer_helpers import REPO
+
+# -- command ------------------------------------------------------------------------------------------
+
+
+def files(tmp_path: Path) -> command.RunFiles:
+    return command.RunFiles.in_folders(tmp_path / "out", tmp_path / "work", "Brain_01")
+
+
+def test_reconstruct_command_lists_stacks_masks_thicknesses_and_outputs(tmp_path):
+    stacks = [
+        command.StackFiles(Path("a.nrrd"), Path("ma.nrrd"), 3.0),
+        command.StackFiles(Path("b.nrrd"), Path("mb.nrrd"), 2.5),
+    ]
+    settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
+    run_files = files(tmp_path)
+    args = command.reconstruct_command(["PythonSlicer"], stacks, run_files, settings)
+
+    assert args[:4] == ["PythonSlicer", "-m", "GaussianSVRLib", "reconstruct"]
+
+    def after(flag: str, count: int) -> list[str]:
+        index = args.index(flag)
+        return args[index + 1 : index + 1 + count]
+
+    assert after("--input-stacks", 2) == ["a.nrrd", "b.nrrd"]
+    assert after("--stack-masks", 2) == ["ma.nrrd", "mb.nrrd"]
+    assert [float(t) for t in after("--thicknesses", 2)] == [3.0, 2.5]
+    assert after("--output-volume", 1) == [str(tmp_path / "out" / "Brain_01.nii.gz")]
+    assert after("--output-gaussians", 1) == [str(tmp_path / "out" / "Brain_01_gaussians.vtp")]
+    assert run_files.gaussians_npz.name == "Brain_01_gaussians.npz"
+    assert after("--preview-dir", 1) == [str(tmp_path / "work" / "preview")]
+    assert after("--stop-file", 1) == [str(tmp_path / "work" / "stop")]
+    assert after("--progress", 1) == ["json"]
+    assert args[-len(params.engine_arguments(settings)) :] == params.engine_arguments(settings)
+
+
+def test_masks_are_passed_for_all_stacks_or_none(tmp_path):
+    settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
+    unmasked = [command.StackFiles(Path("a.nrrd"), None, 3.0)]
+    assert "--stack-masks" not in command.reconstruct_command(["py"], unmasked, files(tmp_path), settings)
+    mixed = [*unmasked, command.StackFiles(Path("b.nrrd"), Path("m.nrrd"), 3.0)]
+    with pytest.raises(ValueError, match="every stack"):
+        command.reconstruct_command(["py"], mixed, files(tmp_path), settings)
+    with pytest.raises(ValueError, match="no input"):
+        command.reconstruct_command(["py"], [], files(tmp_path), settings)
+
+
+def test_worker_environment_puts_the_engine_first(tmp_path):
+    env = command.worker_environment({"PYTHONPATH": "/slicer/lib", "HOME": "/home/x"}, tmp_path)
+    assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/slicer/lib"
+    assert env["HOME"] == "/home/x" and env["PYTHONUNBUFFERED"] == "1" and env["PYTHONIOENCODING"] == "utf-8"
+    assert command.worker_environment({}, tmp_path)["PYTHONPATH"] == str(tmp_path)
+
+
+def test_engine_and_interpreter_are_found():
+    assert command.find_engine_dir() == REPO
+    assert command.python_command(lambda name: "/opt/Slicer/bin/PythonSlicer") == [
+        "/opt/Slicer/bin/PythonSlicer"
+    ]
+    assert command.python_command(lambda name: None) == [sys.executable]
+
+
+def test_engine_found_in_the_source_layout_when_not_on_the_path(tmp_path, monkeypatch):
+    module_dir = tmp_path / "repo" / "GaussianSVR" / "GaussianSVRSlicer"
+    module_dir.mkdir(parents=True)
+    (tmp_path / "repo" / "GaussianSVRLib").mkdir()
+    (tmp_path / "repo" / "GaussianSVRLib" / "__init__.py").write_text("")
+    monkeypatch.setattr(command.importlib.util, "find_spec", lambda name: None)
+    assert command.find_engine_dir(module_dir) == tmp_path / "repo"
+    with pytest.raises(FileNotFoundError, match="reinstall"):
+        command.find_engine_dir(tmp_path / "elsewhere" / "GaussianSVRSlicer")
+
+
+def test_safe_file_name():
+    assert command.safe_file_name("Fetus 3/T2 (recon)") == "Fetus_3_T2__recon"
+    assert command.safe_file_name("..") == "reconstruction"
+
+
+# -- dependencies ---------------------------------------------------------------------------------------
+
+
+def fake_versions(installed: dict[str, str]):
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    return version
+
+
+def test_probe_reads_metadata_without_importing():
+    env = deps.probe(
+        fake_versions({"torch": "2.13.0+cpu", "faiss-gpu-cu12": "1.9.0", "numpy": "1.26.4"}),
+        find_spec=lambda name: object() if name == "PyTorchUtils" else None,
+    )
+    assert env.torch == "2.13.0+cpu" and env.faiss == "1.9.0" and env.pytorch_extension
+    assert env.protected == {"numpy": "1.26.4", "vtk": None, "SimpleITK": None}
+
+
+def test_plan_installs_torch_through_the_extension_and_offers_faiss():
+    missing = deps.Environment(torch=None, faiss=None, pytorch_extension=True)
+    steps = deps.plan(missing)
+    assert [(s.action, s.required) for s in steps] == [
+        (deps.Action.INSTALL_TORCH, True),
+        (deps.Action.INSTALL_FAISS, False),
+    ]
+    assert deps.plan(missing, faiss_declined=True)[-1].action is deps.Action.INSTALL_TORCH
+
+
+def test_plan_without_the_pytorch_extension_explains_what_to_do():
+    (step,) = deps.plan(deps.Environment(torch="2.0.1", faiss="1.8.0", pytorch_extension=False))
+    assert step.action is deps.Action.NEED_PYTORCH_EXTENSION and step.required
+    assert "2.0.1" in step.reason and "Extensions Manager" in step.reason
+
+
+def test_plan_is_empty_when_everything_is_there():
+    assert deps.plan(deps.Environment(torch="2.13.0+cu121", faiss="1.8.0", pytorch_extension=False)) == []
+
+
+def test_version_comparison():
+    assert deps.version_at_least("2.13.0+cpu", "2.2")
+    assert deps.version_at_least("2.2", "2.2.0")
+    assert not deps.version_at_least("2.1.9", "2.2")
+    assert not deps.version_at_least("garbage", "2.2")
+
+
+def test_pip_never_touches_slicers_own_packages(tmp_path):
+    text = deps.constraints_text({"numpy": "1.26.4", "vtk": None, "SimpleITK": "2.4.0"})
+    assert text == "SimpleITK==2.4.0\nnumpy==1.26.4\n"
+    args = deps.pip_install_arguments(deps.FAISS_REQUIREMENT, "/tmp/c.txt")
+    assert args[:3] == ["-m", "pip", "install"] and args[-2:] == ["-c", "/tmp/c.txt"]
+    assert deps.FAISS_REQUIREMENT in args
+    assert not any(name.lower() in " ".join(args).lower() for name in ("numpy", "vtk", "simpleitk", "torch"))
+
+
+# -- QC summary ------------------------------------------------------------------------------------------
+
+
+def sample_report() -> dict:
+    slices = [
+        {
+            "stack": s,
+            "k": k,
+            "excluded": (s, k) in {(0, 3), (1, 0)},
+            "reason": "motion <b>outlier</b>" if s else None,
+        }
+        for s in range(2)
+        for k in range(5)
+    ]
+    return {
+        "device": "cuda",
+        "timings": {"read_s": 1.0, "optimize_s": 60.0, "total_s": 65.0},
+        "slices": slices,
+        "stacks": [
+            {
+                "path": "/tmp/x/stack_00.nrrd",
+                "n_slices": 5,
+                "n_excluded": 1,
+                "verdict": "stack 1: 1 of 5 slices rejected",
+            },
+            {
+                "path": "/tmp/x/stack_01.nrrd",
+                "n_slices": 5,
+                "n_excluded": 1,
+                "verdict": "stack 2: 1 of 5 slices rejected",
+            },
+        ],
+    }
+
+
+def test_qc_summary_lists_stacks_and_excluded_slices_with_reasons():
+    data = sample_report()
+    assert report.excluded_slices(data) == [(0, 3, "outlier"), (1, 0, "motion <b>outlier</b>")]
+    assert report.total_seconds(data) == 65.0
+    html = report.summary_html(data, ["Axial T2", "Coronal <T2>"])
+    assert "2 of 10 slices excluded" in html and "device cuda" in html and "1 min 05 s" in html
+    assert "Axial T2" in html and "Coronal &lt;T2&gt;" in html and "stack_00" not in html
+    assert (
+        "stack 1, slice 3: outlier" in html and "stack 2, slice 0: motion &lt;b&gt;outlier&lt;/b&gt;" in html
+    )
+    assert "stack_01.nrrd" in report.summary_html(data)  # no names given: the file names
+
+
+def test_qc_summary_caps_the_list():
+    data = sample_report()
+    for entry in data["slices"]:
+        entry["excluded"] = True
+    html = report.summary_html(data, max_listed=3)
+    assert html.count("<li>") == 4 and "and 7 more" in html

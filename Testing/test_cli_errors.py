@@ -1,0 +1,341 @@
+"""Every input error of issue item 8 through a real ``python -m GaussianSVRLib reconstruct`` process.
+
+Each case must exit with code 2, print exactly one line on stderr naming the file (or flag) and the
+problem, with no traceback; print nothing on stdout, or with ``--progress json`` exactly one
+protocol "error" message (which also proves the run failed before optimization started); leave
+nothing new in its output folder nor beside its inputs; and leave its inputs byte-identical.
+
+The processes are independent and spend most of their time importing torch, so the module fixture
+runs them a few at a time and the tests then check one outcome each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from GaussianSVRLib.cli import EXIT_INPUT_ERROR
+from GaussianSVRLib.progress import decode
+from GaussianSVRLib.simulate import SimulationResult
+
+REPO = Path(__file__).resolve().parents[1]
+#: Tiny settings, so that an error the engine fails to catch early still ends in seconds.
+TINY = ["--n-gaussians", "200", "--iterations", "2", "--batch-pixels", "1024", "--no-prealign"]
+#: Generous: a case that takes this long ran the optimization, which is itself the bug.
+TIMEOUT_S = 240
+PARALLEL_RUNS = 4
+
+
+@dataclass
+class Case:
+    """One bad invocation. args: the reconstruct flags (TINY and --progress are added)."""
+
+    args: list[str]
+    names: list[str]  # what the one stderr line must name: file paths or flags
+    problem: str  # a keyword of the problem, matched case-insensitively
+    watched: list[Path]  # folders where nothing may appear
+    json: bool = False  # --progress json instead of the default bar mode
+    inputs: list[Path] = field(default_factory=list)  # filled in: files that must stay unchanged
+
+
+@dataclass
+class Snapshot:
+    """The entries of the watched folders and the hashes of the inputs."""
+
+    listings: dict[Path, list[str]]
+    hashes: dict[Path, str]
+
+
+@dataclass
+class Outcome:
+    case: Case
+    returncode: int | None  # None: timed out
+    stdout: str
+    stderr: str
+    seconds: float
+    before: Snapshot
+    after: Snapshot
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> list[str]:
+    """Every entry of the folder, hidden ones (temporary files) included; [] for a missing folder."""
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def write(array: np.ndarray, reference: sitk.Image | None, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array)
+    if reference is not None:
+        image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def outputs(out: Path) -> list[str]:
+    """Every kind of output, all in ``out``."""
+    return [
+        "--output-volume", str(out / "recon.nii.gz"),
+        "--output-gaussians", str(out / "gaussians.vtp"),
+        "--output-json", str(out / "report.json"),
+        "--preview-dir", str(out / "preview"),
+    ]  # fmt: skip
+
+
+def stack_args(stacks: SimulationResult, n: int = 3, masks: bool = True) -> list[str]:
+    args = ["--input-stacks", *stacks.stack_paths[:n]]
+    return args + (["--stack-masks", *stacks.mask_paths[:n]] if masks else [])
+
+
+def volume_elsewhere(volume: Path, out: Path) -> list[str]:
+    """The volume at a bad place; the report in the good folder ``out``, where nothing may appear either."""
+    return ["--output-volume", str(volume), "--output-json", str(out / "report.json")]
+
+
+def unwritable_folder(root: Path) -> Path | None:
+    """A folder nobody can create files in: mode 0o500, or for root (whom modes do not stop) /sys.
+
+    None when neither works on this machine.
+    """
+    locked = root / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for folder in (locked, Path("/sys")):
+        probe = folder / ".gaussiansvr-probe"
+        try:
+            probe.touch()
+        except OSError:
+            return folder
+        probe.unlink()
+    return None
+
+
+# Each builder gets an empty folder ``root`` (with an empty ``root/out``) and the phantom stacks.
+Builder = Callable[[Path, SimulationResult], Case | None]
+
+
+def missing_file(root: Path, stacks: SimulationResult) -> Case:
+    missing = root / "absent.nii.gz"
+    args = ["--input-stacks", stacks.stack_paths[0], str(missing)]
+    return Case(args + outputs(root / "out"), [str(missing)], "does not exist", [root / "out"], json=True)
+
+
+def unreadable_file(root: Path, stacks: SimulationResult) -> Case:
+    garbage = root / "garbage.nii.gz"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    args = ["--input-stacks", stacks.stack_paths[0], str(garbage)]
+    return Case(args + outputs(root / "out"), [str(garbage)], "cannot read", [root, root / "out"])
+
+
+def image_2d(root: Path, stacks: SimulationResult) -> Case:
+    flat = write(np.ones((16, 16), np.float32), None, root / "flat.nii.gz")
+    args = ["--input-stacks", str(flat)] + outputs(root / "out")
+    return Case(args, [str(flat)], "2-D", [root, root / "out"])
+
+
+def image_4d(root: Path, stacks: SimulationResult) -> Case:
+    stack = sitk.ReadImage(stacks.stack_paths[0])
+    series = root / "series.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([stack, stack]), str(series))
+    args = ["--input-stacks", stacks.stack_paths[0], str(series)]
+    return Case(args + outputs(root / "out"), [str(series)], "4-D", [root, root / "out"], json=True)
+
+
+def mask_elsewhere(root: Path, stacks: SimulationResult) -> Case:
+    """A mask on a grid 500 mm away from its stack: resampling cannot match it."""
+    mask = sitk.ReadImage(stacks.mask_paths[1])
+    mask.SetOrigin(tuple(np.asarray(mask.GetOrigin()) + [500.0, 0.0, 0.0]))
+    moved = root / "mask_elsewhere.nii.gz"
+    sitk.WriteImage(mask, str(moved))
+    args = ["--input-stacks", *stacks.stack_paths[:2], "--stack-masks", stacks.mask_paths[0], str(moved)]
+    return Case(args + outputs(root / "out"), [str(moved)], "overlap", [root, root / "out"])
+
+
+def empty_mask(root: Path, stacks: SimulationResult) -> Case:
+    mask = sitk.ReadImage(stacks.mask_paths[1])
+    empty = write(np.zeros(sitk.GetArrayFromImage(mask).shape, np.uint8), mask, root / "mask_empty.nii.gz")
+    args = ["--input-stacks", *stacks.stack_paths[:2], "--stack-masks", stacks.mask_paths[0], str(empty)]
+    return Case(args + outputs(root / "out"), [str(empty)], "empty", [root, root / "out"], json=True)
+
+
+def bad_voxel(value: float, keyword: str, extension: str, json: bool) -> Builder:
+    """A stack with one non-finite voxel inside the brain.
+
+    NIfTI is what users have; NRRD too because ITK's NIfTI reader (before ITK 6) silently turns
+    non-finite voxels into 0, which only the NIfTI cases can catch.
+    """
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        stack = sitk.ReadImage(stacks.stack_paths[1])
+        array = sitk.GetArrayFromImage(stack).astype(np.float32)
+        k, j, i = (n // 2 for n in array.shape)  # inside the brain mask
+        array[k, j, i] = value
+        bad = write(array, stack, root / f"stack_{keyword.lower()}{extension}")
+        args = ["--input-stacks", stacks.stack_paths[0], str(bad)]
+        return Case(args + outputs(root / "out"), [str(bad)], keyword, [root, root / "out"], json=json)
+
+    return build
+
+
+def wrong_thickness_count(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks) + ["--thicknesses", "2.4", "2.4"]
+    return Case(args + outputs(root / "out"), [stacks.stack_paths[0]], "thicknesses", [root / "out"])
+
+
+def wrong_mask_count(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks, masks=False) + ["--stack-masks", *stacks.mask_paths[:2]]
+    return Case(args + outputs(root / "out"), [stacks.mask_paths[0]], "masks", [root / "out"], json=True)
+
+
+def bad_number(flag: str, value: str, json: bool = False) -> Builder:
+    """A flag value argparse must refuse (non-positive or not finite)."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        args = stack_args(stacks) + outputs(root / "out")
+        if flag != "--output-resolution":
+            args += ["--output-resolution", "1.5"]
+        return Case(args + [flag, value], [flag], "positive", [root / "out"], json=json)
+
+    return build
+
+
+def unwritable_output(root: Path, stacks: SimulationResult) -> Case | None:
+    folder = unwritable_folder(root)
+    if folder is None:
+        return None
+    volume = folder / "recon.nii.gz"
+    args = stack_args(stacks) + volume_elsewhere(volume, root / "out")
+    return Case(args, [str(volume)], "writable", [folder, root / "out"], json=True)
+
+
+def missing_output_folder(root: Path, stacks: SimulationResult) -> Case:
+    volume = root / "out" / "not_there" / "recon.nii.gz"
+    args = stack_args(stacks) + volume_elsewhere(volume, root / "out")
+    return Case(args, [str(volume)], "does not exist", [root / "out"])
+
+
+def output_folder_is_file(root: Path, stacks: SimulationResult) -> Case:
+    (root / "out" / "a_file").write_text("not a folder\n")
+    volume = root / "out" / "a_file" / "recon.nii.gz"
+    args = stack_args(stacks) + volume_elsewhere(volume, root / "out")
+    return Case(args, [str(volume)], "folder", [root / "out"], json=True)
+
+
+def grid_too_large(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks) + outputs(root / "out") + ["--output-resolution", "0.001"]
+    return Case(args, [str(root / "out" / "recon.nii.gz")], "GiB", [root / "out"], json=True)
+
+
+def cuda_without_gpu(root: Path, stacks: SimulationResult) -> Case | None:
+    if torch.cuda.is_available():
+        return None
+    args = stack_args(stacks) + outputs(root / "out") + ["--device", "cuda"]
+    return Case(args, ["--device"], "cuda", [root / "out"])
+
+
+CASES: dict[str, Builder] = {
+    "missing file": missing_file,
+    "unreadable file": unreadable_file,
+    "2-D image": image_2d,
+    "4-D image": image_4d,
+    "mask geometry cannot be matched": mask_elsewhere,
+    "empty mask": empty_mask,
+    "NaN voxels": bad_voxel(float("nan"), "NaN", ".nii.gz", json=False),
+    "Inf voxels": bad_voxel(float("inf"), "Inf", ".nii.gz", json=True),
+    "NaN voxels in NRRD": bad_voxel(float("nan"), "NaN", ".nrrd", json=False),
+    "wrong number of thicknesses": wrong_thickness_count,
+    "wrong number of masks": wrong_mask_count,
+    "zero resolution": bad_number("--output-resolution", "0"),
+    "negative resolution": bad_number("--output-resolution", "-1.5"),
+    "infinite resolution": bad_number("--output-resolution", "inf"),
+    "zero thickness": bad_number("--thicknesses", "0", json=True),
+    "unwritable output folder": unwritable_output,
+    "output folder does not exist": missing_output_folder,
+    "output folder is a file": output_folder_is_file,
+    "output grid too large for memory": grid_too_large,
+    "--device cuda without CUDA": cuda_without_gpu,
+}
+
+
+def run(case: Case) -> tuple[int | None, str, str, float]:
+    command = [sys.executable, "-m", "GaussianSVRLib", "reconstruct", *case.args, *TINY,
+               "--progress", "json" if case.json else "bar"]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        return None, str(expired.stdout or ""), str(expired.stderr or ""), TIMEOUT_S
+    return done.returncode, done.stdout, done.stderr, time.monotonic() - started
+
+
+def snapshot(case: Case) -> Snapshot:
+    return Snapshot({folder: listing(folder) for folder in case.watched}, {p: sha256(p) for p in case.inputs})
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    tmp_path_factory: pytest.TempPathFactory, phantom_stacks: SimulationResult
+) -> Iterator[dict[str, Outcome | None]]:
+    """Build every case in its own folder, run them all a few at a time, and record what changed."""
+    cases: dict[str, Case | None] = {}
+    for name, build in CASES.items():
+        root = tmp_path_factory.mktemp("cli_error")
+        (root / "out").mkdir()
+        case = build(root, phantom_stacks)
+        if case is not None:
+            case.inputs = [Path(arg) for arg in case.args if Path(arg).is_file()]
+            case.watched.append(Path(phantom_stacks.stack_paths[0]).parent)
+        cases[name] = case
+    ready = {name: case for name, case in cases.items() if case is not None}
+    before = {name: snapshot(case) for name, case in ready.items()}
+    with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+        results = dict(zip(ready, pool.map(run, ready.values()), strict=True))
+    result: dict[str, Outcome | None] = dict.fromkeys(cases)
+    for name, case in ready.items():
+        result[name] = Outcome(case, *results[name], before[name], snapshot(case))
+    yield result
+    for folder in tmp_path_factory.getbasetemp().glob("cli_error*/locked"):
+        folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_error_is_one_line_exit_2_and_leaves_nothing(name: str, outcomes: dict[str, Outcome | None]) -> None:
+    outcome = outcomes[name]
+    if outcome is None:
+        pytest.skip(f"{name}: cannot be set up on this machine")
+    case = outcome.case
+    assert outcome.returncode is not None, f"still running after {TIMEOUT_S} s: it did not fail early"
+    assert "Traceback" not in outcome.stderr, f"after {outcome.seconds:.0f} s:\n{outcome.stderr}"
+    assert outcome.returncode == EXIT_INPUT_ERROR, f"after {outcome.seconds:.0f} s:\n{outcome.stderr}"
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1, f"stderr has {len(lines)} lines:\n{outcome.stderr}"
+    for named in case.names:
+        assert named in lines[0], f"{named!r} not named in: {lines[0]}"
+    assert case.problem.lower() in lines[0].lower(), lines[0]
+    if case.json:
+        messages = [decode(line) for line in outcome.stdout.splitlines()]
+        assert len(messages) == 1 and messages[0] is not None, outcome.stdout
+        assert messages[0]["type"] == "error", messages[0]
+        assert case.problem.lower() in messages[0]["message"].lower()
+        assert all(named in messages[0]["message"] for named in case.names)
+    else:
+        assert outcome.stdout == ""
+    assert outcome.after.listings == outcome.before.listings, "files left behind"
+    assert outcome.after.hashes == outcome.before.hashes, "an input was modified"
+    assert outcome.before.hashes, "no input file was checked"
