@@ -96,7 +96,8 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastPreset = None
         self._lastStyle = None
         self._writingTable = False
-        self._faissDeclined = False
+        self._declinedPackages = set()  # optional packages offered once per session
+        self._pipQueue = []
         self._pipWorker = None
         self._logShown = 0
 
@@ -265,56 +266,87 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showRunState()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
-            for step in deps.plan(deps.probe(), faiss_declined=self._faissDeclined):
+            installs = []
+            for step in deps.plan(deps.probe(), declined=self._declinedPackages):
                 if step.action is deps.Action.NEED_PYTORCH_EXTENSION:
                     raise RuntimeError(step.reason)
                 if step.action is deps.Action.INSTALL_TORCH and not self.logic.installTorch():
                     self._log(_("PyTorch is needed; it was not installed."))
                     return
-                if step.action is deps.Action.INSTALL_FAISS:
+                if step.action is deps.Action.PIP_INSTALL:
                     if slicer.util.confirmYesNoDisplay(
-                        _("{reason}. Install it now? Its log appears under Log.").format(reason=step.reason)
+                        _("{reason}.\n\nInstall it now? Its log appears under Log.").format(
+                            reason=step.reason
+                        )
                     ):
-                        self._startPip()
-                        return  # the reconstruction starts when pip has finished
-                    self._faissDeclined = True
+                        installs.append(step.package)
+                    elif step.required:
+                        self._log(
+                            _("{name} is needed; it was not installed.").format(
+                                name=step.package.distribution
+                            )
+                        )
+                        return
+                    else:
+                        self._declinedPackages.add(step.package.distribution)
+            if installs:
+                self._pipQueue = installs
+                self._startNextPip()
+                return  # the reconstruction starts when pip has finished
             self._startReconstruction()
 
-    def _startPip(self) -> None:
+    def _startNextPip(self) -> None:
         self.ui.logCollapsibleButton.collapsed = False
         self._log(
-            _("Installing {requirement} (Slicer's numpy is pinned)...").format(
-                requirement=deps.FAISS_REQUIREMENT
+            _("Installing {requirement} (Slicer's numpy, vtk and SimpleITK are pinned)...").format(
+                requirement=self._pipQueue[0].requirement
             )
         )
-        self._pipWorker = self.logic.startFaissInstall()
+        self._pipWorker = self.logic.startPipInstall(self._pipQueue[0].requirement)
         self.timer.start()
         self._updateApplyButton()
 
     def _stopPip(self) -> None:
+        """Cancelled: the optional packages still queued count as offered (declined)."""
         if self._pipWorker is not None:
             self._pipWorker.stop(timeout=2.0)
             self._pipWorker = None
-            self._faissDeclined = True
+        self._declinedPackages.update(p.distribution for p in self._pipQueue if not p.required)
+        self._pipQueue = []
 
     def _pollPip(self) -> None:
         for event in self._pipWorker.poll():
             if event.kind is runner.EventKind.EXITED:
-                ok = event.returncode == 0
-                self._log(
-                    _("faiss-cpu installed.")
-                    if ok
-                    else _("faiss-cpu could not be installed; going on without it.")
-                )
-                self._faissDeclined = not ok
                 self._pipWorker = None
-                self.timer.stop()
-                with slicer.util.tryWithErrorDisplay(
-                    _("Failed to start the reconstruction."), waitCursor=True
-                ):
-                    self._startReconstruction()
+                self._onPipExited(self._pipQueue.pop(0), event.returncode == 0)
                 return
             self._log(event.text)
+
+    def _onPipExited(self, package, ok: bool) -> None:
+        """Next install, or the reconstruction; a required package that failed stops here."""
+        if ok:
+            self._log(_("{name} installed.").format(name=package.distribution))
+        elif package.required:
+            self._pipQueue = []
+            self.timer.stop()
+            self._updateApplyButton()
+            slicer.util.errorDisplay(
+                _("{name} could not be installed; the reconstruction needs it. See the log.").format(
+                    name=package.distribution
+                )
+            )
+            return
+        else:
+            self._log(
+                _("{name} could not be installed; going on without it.").format(name=package.distribution)
+            )
+            self._declinedPackages.add(package.distribution)
+        if self._pipQueue:
+            self._startNextPip()
+            return
+        self.timer.stop()
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
+            self._startReconstruction()
 
     def _startReconstruction(self) -> None:
         self._log(_("--- reconstruction started {time} ---").format(time=time.strftime("%H:%M:%S")))
@@ -468,14 +500,14 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
         )
         return torch is not None
 
-    def startFaissInstall(self) -> runner.WorkerProcess:
-        """pip-install faiss-cpu in a separate process, Slicer's numpy pinned; returns the running process."""
+    def startPipInstall(self, requirement: str) -> runner.WorkerProcess:
+        """pip-install ``requirement`` in a separate process (Slicer's own packages pinned), started."""
         folder = Path(slicer.app.temporaryPath) / "GaussianSVR"
         folder.mkdir(parents=True, exist_ok=True)
         constraints = folder / "constraints.txt"
         constraints.write_text(deps.constraints_text(deps.probe().protected), encoding="utf-8")
         worker = runner.WorkerProcess(
-            [*command.python_command(), *deps.pip_install_arguments(deps.FAISS_REQUIREMENT, str(constraints))]
+            [*command.python_command(), *deps.pip_install_arguments(requirement, str(constraints))]
         )
         worker.start()
         return worker

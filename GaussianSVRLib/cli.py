@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import InputError
 from .progress import Emitter
@@ -28,8 +29,8 @@ log = logging.getLogger("gaussiansvr")
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -37,6 +38,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
     return value
 
 
@@ -65,7 +73,8 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard", help="settings preset")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-gaussians", type=positive_int, default=None)
+    p.add_argument("--n-gaussians", type=non_negative_int, default=None,
+                   help="number of Gaussians; 0 (default) = automatic, 90 per ml of brain")
     p.add_argument("--k-neighbours", type=positive_int, default=None)
     p.add_argument("--iterations", type=positive_int, default=None)
     p.add_argument("--batch-pixels", type=positive_int, default=None)
@@ -130,8 +139,21 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_demo)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2), like every other input error,
+    plus a protocol "error" message on stdout when --progress json was asked for."""
+
+    def error(self, message: str) -> NoReturn:
+        argv = sys.argv[1:]
+        if "--progress=json" in argv or any(
+            a == "--progress" and b == "json" for a, b in zip(argv, argv[1:], strict=False)
+        ):
+            Emitter()("error", message=message)
+        self.exit(EXIT_INPUT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="gaussiansvr", description=__doc__.splitlines()[0])
+    top = OneLineErrors(prog="gaussiansvr", description=__doc__.splitlines()[0])
     top.add_argument("-v", "--verbose", action="store_true", help="log details on stderr")
     sub = top.add_subparsers(dest="command", required=True)
     for add in (add_reconstruct, add_simulate, add_evaluate, add_demo):

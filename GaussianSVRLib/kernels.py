@@ -4,7 +4,8 @@ Plain torch materializes (B, K, ...) gathers for every intermediate and its back
 back with index_add; here each pixel-Gaussian pair is computed in registers, in float64 (the 3x3
 determinant of a thin PSF-widened covariance loses digits in float32), and the backward recomputes
 the pair instead of storing it. numba is optional: it is imported on first use, so this module
-imports without it; call available() first.
+imports without it; call available() first. Compiled code is cached on disk by numba (next to
+this file, or in the user's cache folder when the package is read-only).
 
 Per pair (b, j), with d = x_b - mu_j, S = Sigma_j + PSF_b as a 6-vector (xx, xy, xz, yy, yz, zz),
 adj/det its adjugate and determinant and D = max(det, 1e-12) (the clamp of psf.convolved_gaussian):
@@ -14,7 +15,9 @@ adj/det its adjugate and determinant and D = max(det, 1e-12) (the clamp of psf.c
 
 out_b = sum_j c_j w_bj, divided by (sum_j w_bj + delta) in the normalized mode. The backward
 differentiates the same polynomial expressions torch does (including the clamp), so it matches
-torch autograd of forward.evaluate to rounding.
+torch autograd of forward.evaluate_torch to rounding. Per-Gaussian gradients are summed without
+races into one (N, 11) buffer per thread; the backward visits pixels along a space-filling curve
+so that consecutive pixels share Gaussians in cache (it is memory bound in random batch order).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ numba = None
 def _forward_kernel(
     points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized, out, norm, chunk
 ):
+    """Values out (B,) of points (B, 3) from their neighbours (B, K); see the module docstring.
+
+    psf6 has B rows to apply a PSF (zero rows for none); norm (B, 2) receives the normalizer and
+    the float64 value in the normalized mode. Chunks of pixels are handed to threads dynamically.
+    """
     n_points, k_max = neighbours.shape
     use_psf = psf6.shape[0] == n_points
     for t in numba.prange((n_points + chunk - 1) // chunk):

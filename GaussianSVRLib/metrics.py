@@ -9,6 +9,7 @@ the same global ambiguity from the estimated slice transforms before comparing t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -108,6 +109,7 @@ def rigid_align(reconstruction: sitk.Image, reference: sitk.Image, mask: sitk.Im
     translation matching them. The one with the higher NCC inside the mask after registration wins.
     """
     fixed, moving = _as_float(reference), _as_float(reconstruction)
+    mask = _mask_on(mask, reference)
     mask_array = sitk.GetArrayFromImage(mask) > 0
     centre = _centroid(fixed, mask_array)
     shift = _centroid(moving, None) - centre
@@ -168,7 +170,7 @@ def masked_ssim(x: np.ndarray, y: np.ndarray, mask: np.ndarray, data_range: floa
     return float(ssim[m > 0].mean())
 
 
-def _transform_summary(transform: sitk.Euler3DTransform, centre: np.ndarray) -> dict[str, object]:
+def _transform_summary(transform: sitk.Euler3DTransform, centre: np.ndarray) -> dict[str, Any]:
     matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
     moved = np.asarray(transform.TransformPoint(tuple(float(v) for v in centre)))
     # The affine x -> A x + b of the transform, for callers that want to apply it themselves.
@@ -183,7 +185,7 @@ def _transform_summary(transform: sitk.Euler3DTransform, centre: np.ndarray) -> 
 
 def evaluate(
     reconstruction: sitk.Image, reference: sitk.Image, mask: sitk.Image, *, align: bool = True
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Quality of ``reconstruction`` against ``reference`` inside ``mask`` (on any grid).
 
     With ``align`` the reconstruction is first registered rigidly to the reference (``rigid_align``);
@@ -212,7 +214,7 @@ def evaluate(
     fitted = a * x + b
     peak, data_range = float(ym.max()), float(ym.max() - ym.min())
     mse = float(np.mean((fitted[mask_array] - ym) ** 2))
-    results: dict[str, object] = {
+    results: dict[str, Any] = {
         "psnr": float(10.0 * np.log10(peak**2 / mse)) if mse > 0 else float("inf"),
         "ssim": masked_ssim(fitted, y, mask_array, data_range),
         "ncc": _ncc(xm, ym),
@@ -240,7 +242,7 @@ def _read(path: str | Path, what: str) -> sitk.Image:
 
 def evaluate_files(
     reconstruction_path: str | Path, reference_path: str | Path, mask_path: str | Path, align: bool = True
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """``evaluate`` on images read from files; InputError naming the file for unreadable input."""
     return evaluate(
         _read(reconstruction_path, "reconstruction"),

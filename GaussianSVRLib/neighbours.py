@@ -1,7 +1,8 @@
 """K-nearest-neighbour search of query points among Gaussian centres: one interface, four backends.
 
 ``knn(database (N, 3), queries (Q, 3), k)`` returns (Q, k) int64 indices into ``database`` on the
-queries' device; the order within a row is unspecified. Every backend is exact:
+queries' device; the order within a row is unspecified. Every backend is exact (up to float32
+rounding of near-ties):
 
 - ``"faiss"``: ``IndexFlatL2`` on CPU, ``GpuIndexFlatL2`` when the queries are on CUDA and the
   installed faiss has GPU support. faiss is imported lazily: importing it next to torch can clash
@@ -36,14 +37,14 @@ import torch
 BACKENDS = ("faiss", "kdtree", "grid", "torch")
 #: Upper bound on the temporaries of one query chunk (bytes).
 MAX_CHUNK_BYTES = 1 << 30
-#: Half-width of the first grid block, in cells (2: 5x5x5 cells), and the block's half-width as a
-#: multiple of the radius expected to hold k centres. 1.2 proves > 99 % of queries in the first
-#: round on brain-shaped data; ring 2 needs ~40 % fewer candidates than ring 1 for the same proof
-#: radius (bench/bench_neighbours.py).
+#: Half-width of the first grid block in cells (2: 5x5x5 cells), and the distance it covers around
+#: a query's cell as a multiple of the radius expected to hold k centres (cell = factor R / ring).
+#: 1.2 proves > 99 % of the queries in the first round on brain-shaped data; 5^3 cells of 0.6 R hold
+#: ~40 % fewer candidates than 3^3 cells of 1.2 R and measured ~15 % faster on CPU.
 GRID_FIRST_RING = 2
 GRID_CELL_FACTOR = 1.2
-#: Query x candidate slots per grid chunk (each slot costs ~40 bytes of temporaries).
-_GRID_CHUNK_SLOTS = MAX_CHUNK_BYTES // 64
+#: Query x candidate slots per grid chunk (each slot costs up to ~100 bytes of temporaries).
+_GRID_CHUNK_SLOTS = MAX_CHUNK_BYTES // 128
 #: Extra brute-force candidates re-ranked with exact differences.
 _RERANK_SPARE = 8
 #: Squared norm given to the padding slots of a grid chunk so they are never among the k nearest.
@@ -158,7 +159,8 @@ def _knn_kdtree(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.
     )
     query_points = queries.to("cpu", torch.float64).numpy()
     out = torch.empty((len(query_points), k), dtype=torch.int64)
-    step = _chunk_size(k * 16)  # indices int64 + distances float64
+    # indices int64 + distances float64 from scipy, the copy into the result, scipy's own buffers
+    step = _chunk_size(k * 40)
     for start in range(0, len(query_points), step):
         _, indices = tree.query(query_points[start : start + step], k=k, workers=-1)
         out[start : start + step] = torch.from_numpy(indices).reshape(-1, k)

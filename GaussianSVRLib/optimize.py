@@ -23,6 +23,12 @@ from .stacks import SliceSet
 FULL_WEIGHT_Z = 2.0
 #: Slices whose intensity scale differs from their stack's median by more than this factor are outliers.
 SCALE_OUTLIER_FACTOR = 2.0
+#: The spread of residuals is taken as at least this fraction of their median: when every slice fits
+#: to the noise level the MAD is tiny and would flag slices that are only slightly worse.
+MIN_RELATIVE_SPREAD = 0.1
+#: Loss weight of an excluded slice: not zero, so that its motion gradient can be restored (see
+#: unweight_motion_gradients) while its pull on the Gaussians is negligible.
+EXCLUDED_LOSS_WEIGHT = 1e-3
 
 
 @dataclass
@@ -120,7 +126,7 @@ def robust_weights(
     valid = np.isfinite(residual)
     median = np.median(residual[valid]) if valid.any() else 0.0
     mad = 1.4826 * np.median(np.abs(residual[valid] - median)) if valid.any() else 0.0
-    z = (residual - median) / max(mad, 1e-6 * max(abs(median), 1e-12), 1e-12)
+    z = (residual - median) / max(mad, MIN_RELATIVE_SPREAD * abs(median), 1e-12)
     weight = np.clip((outlier_z - z) / (outlier_z - FULL_WEIGHT_Z), 0.0, 1.0)
     weight[~valid] = 1.0
     excluded = np.zeros(len(residual), dtype=bool)
@@ -162,6 +168,20 @@ def slice_residuals(
     residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
     residual[abs_value.cpu().numpy() == 0] = np.nan
     return residual
+
+
+def unweight_motion_gradients(motion: SliceMotion, loss_weight: torch.Tensor) -> None:
+    """Undo the slice weights (M,) in the gradients of the per-slice parameters.
+
+    Slice weights decide how much a slice shapes the volume, not whether it is registered: a slice
+    down-weighted while it was misregistered must keep moving towards the volume so that it can be
+    re-admitted. Each slice's motion and scale only see that slice's pixels, so dividing their
+    gradients by the slice weight gives exactly the unweighted gradient.
+    """
+    for parameter in (motion.rotvec, motion.translation, motion.log_scale):
+        if parameter.grad is not None:
+            factor = 1.0 / loss_weight
+            parameter.grad.mul_(factor.reshape(-1, *([1] * (parameter.grad.dim() - 1))))
 
 
 def make_optimizer(field_: GaussianField, motion: SliceMotion, settings: Settings) -> torch.optim.Optimizer:
@@ -251,7 +271,10 @@ def optimize(
                 group["lr"] = group["base_lr"] * factor * (1.0 if motion_on or not is_motion else 0.0)
             prediction = predict(field_, motion, data, index, neighbours[index], settings.psf_mode)
             slice_id = data.slice_id[index]
-            weight = torch.as_tensor(quality.weight, dtype=prediction.dtype, device=device)[slice_id]
+            loss_weight = torch.as_tensor(
+                np.maximum(quality.weight, EXCLUDED_LOSS_WEIGHT), dtype=prediction.dtype, device=device
+            )
+            weight = loss_weight[slice_id]
             target = data.values[index]
             loss = weighted_l1(prediction, target, weight)
             if settings.scale_regularization > 0:
@@ -260,6 +283,7 @@ def optimize(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            unweight_motion_gradients(motion, loss_weight)
             optimizer.step()
             with torch.no_grad():
                 abs_error.index_add_(0, slice_id, (prediction - target).abs().double())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Preview volumes are rendered this much coarser than the output (but never finer than it).
 PREVIEW_COARSENING = 2.0
 PREVIEW_GLYPHS = 3000
+#: Bounds of the automatic Gaussian count.
+MIN_GAUSSIANS = 500
+MAX_GAUSSIANS = 200_000
 
 Events = Callable[..., None]
 
@@ -65,14 +69,27 @@ class Outputs:
 
 @dataclass
 class Reconstruction:
-    """What a run produced: the volume, the Gaussians (world), the report and the slice quality."""
+    """What a run produced: the volume, the Gaussians (world), the report and the slice quality.
 
-    volume: sitk.Image
+    A cancelled run has no volume; its paths point at the last preview, if any.
+    """
+
+    volume: sitk.Image | None
     gaussians: dict[str, np.ndarray]
     report: dict[str, Any]
     quality: SliceQuality
     cancelled: bool = False
     paths: dict[str, str | None] = field(default_factory=dict)
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in the folder: tried, since os.access is wrong for root, read-only
+    file systems and ACLs."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_outputs(outputs: Outputs) -> None:
@@ -84,7 +101,7 @@ def check_outputs(outputs: Outputs) -> None:
         folder = Path(path).resolve().parent
         if not folder.is_dir():
             raise InputError(path, "output folder does not exist")
-        if not os.access(folder, os.W_OK):
+        if not writable(folder):
             raise InputError(path, "output folder is not writable")
     if outputs.preview_dir is not None:
         preview = Path(outputs.preview_dir)
@@ -104,6 +121,7 @@ class Problem:
     intensity_norm: float
     grid_affine: np.ndarray
     grid_shape: tuple[int, int, int]
+    n_gaussians: int
 
 
 def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) -> Problem:
@@ -116,7 +134,14 @@ def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) ->
     norm = float(np.median(positive)) if len(positive) else 1.0
     affine, shape = grid_covering(slices.positions, stacks[reference].direction, settings.output_resolution)
     check_grid_fits(shape, settings.output_resolution, volume_path)
-    return Problem(stacks, slices, reference, norm, affine, shape)
+    n_gaussians = settings.n_gaussians or automatic_gaussian_count(stacks[reference], settings.gaussians_per_ml)
+    return Problem(stacks, slices, reference, norm, affine, shape, n_gaussians)
+
+
+def automatic_gaussian_count(stack: Stack, per_ml: float) -> int:
+    """Gaussians for the brain volume of a stack's mask (ml), within [MIN_GAUSSIANS, MAX_GAUSSIANS]."""
+    millilitres = float(stack.mask.sum()) * float(np.prod(stack.spacing)) / 1000.0
+    return int(np.clip(round(per_ml * millilitres), MIN_GAUSSIANS, MAX_GAUSSIANS))
 
 
 def initial_models(
@@ -138,7 +163,7 @@ def initial_models(
     thickness = np.array([problem.stacks[s].thickness for s in slices.slice_stack])
     gradient = in_plane_gradient(problem.stacks, slices)
     chosen, nominal = sample_centres(
-        slices, gradient, settings.n_gaussians, settings.edge_fraction, thickness, rng
+        slices, gradient, problem.n_gaussians, settings.edge_fraction, thickness, rng
     )
     with torch.no_grad():
         slice_id = torch.as_tensor(slices.pixel_slice[chosen], device=device)
@@ -326,7 +351,7 @@ def reconstruct(
 
     mark = time.monotonic()
     state = world_gaussians(problem, field_, motion)
-    image = volume_image(state, problem.grid_affine, problem.grid_shape, settings)
+    image = None if cancelled else volume_image(state, problem.grid_affine, problem.grid_shape, settings)
     timings["render_s"] = time.monotonic() - mark
     rotvec, translation = world_motion(problem, motion)
     scale = motion.intensity_scale().detach().cpu().numpy()

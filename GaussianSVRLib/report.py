@@ -28,6 +28,12 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
+def finite_mean(values: np.ndarray) -> float | None:
+    """Mean of the finite values, or None when there are none (e.g. a run cancelled early)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
+
+
 def build_report(
     *,
     version: str,
@@ -71,7 +77,7 @@ def build_report(
                 "spacing": [float(v) for v in stack.spacing],
                 "n_slices": n_slices,
                 "n_excluded": n_excluded,
-                "mean_residual": finite_or_none(np.nanmean(quality.residual[on_stack])),
+                "mean_residual": finite_mean(quality.residual[on_stack]),
                 "reference": s == reference,
                 "verdict": stack_verdict(s, n_slices, n_excluded),
             }

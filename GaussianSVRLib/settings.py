@@ -7,9 +7,14 @@ from dataclasses import asdict, dataclass, fields, replace
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that steers a reconstruction. Defaults are the "standard" preset, sized for a CPU."""
+    """Everything that steers a reconstruction. Defaults are the "standard" preset, sized for a CPU.
 
-    n_gaussians: int = 30000
+    n_gaussians = 0 means automatic: gaussians_per_ml times the brain volume of the reference
+    stack's mask (about 15,000 for a 28-week brain).
+    """
+
+    n_gaussians: int = 0
+    gaussians_per_ml: float = 90.0
     k_neighbours: int = 16
     iterations: int = 400
     batch_pixels: int = 32768
@@ -25,8 +30,8 @@ class Settings:
     lr_scales: float = 2.5e-2
     lr_quaternions: float = 1e-2
     lr_intensities: float = 1e-2
-    lr_rotation: float = 2.5e-3
-    lr_translation: float = 5e-2
+    lr_rotation: float = 5e-3
+    lr_translation: float = 1e-1
     lr_slice_scale: float = 5e-3
     motion_start: float = 0.1
     refresh_every: int = 20
@@ -47,9 +52,9 @@ class Settings:
 
 
 PRESETS: dict[str, dict[str, object]] = {
-    "preview": {"n_gaussians": 12000, "k_neighbours": 12, "iterations": 150},
+    "preview": {"k_neighbours": 12, "iterations": 150},
     "standard": {},
-    "high": {"n_gaussians": 60000, "k_neighbours": 24, "iterations": 1000},
+    "high": {"k_neighbours": 24, "iterations": 800},
 }
 
 

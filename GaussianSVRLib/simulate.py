@@ -5,13 +5,14 @@ numerically: every slice pixel is the Gaussian-weighted mean of the volume sampl
 grid of sub-sample points covering +/-3 sigma of the slice PSF. Neighbouring pixels share their
 sub-samples: the grid is one fine grid per slice (in-plane step = pixel size / m, m an integer),
 reduced by separable Gaussian weights. That is exactly the per-pixel weighted mean over a 3-D
-sub-sample grid, computed about m^2 times faster. Steps: ``psf_steps``.
+sub-sample grid, computed about m^2 times faster. Steps: ``psf_steps``; on the atlas, halving them
+changes the slices by < 0.4 % of the intensity range (1 % is the tested bound).
 
 Geometry and motion follow ``geometry.py``: the pixel at nominal world position p (stack affine)
 sees the volume at x = R (p - c) + c + t, c the slice centre. ``transforms.json`` records, per slice,
 the full (rotation, translation) in that convention, per-stack misalignment already composed in.
-Stack and mask paths in it are file names relative to the JSON's folder (``read_truth`` resolves
-nothing; ``read_transforms`` returns absolute paths).
+Stack and mask paths in it are file names relative to the JSON's folder, so a simulated case can
+be moved; ``read_transforms`` returns them absolute, ``read_truth`` the flat per-slice list.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class SimulationResult:
 
 
 @dataclass
-class _StackGeometry:
+class StackGeometry:
+    """A simulated stack's grid: voxel -> LPS affine, size (ni, nj, nk) and the nominal FOV centre."""
+
     affine: np.ndarray  # (4, 4) voxel -> LPS
     size: tuple[int, int, int]  # (ni, nj, nk)
     centre: np.ndarray  # (3,) nominal centre of the field of view
@@ -99,7 +102,7 @@ def stack_geometry(
     spacing: float,
     margin: float,
     k_shift: float,
-) -> _StackGeometry:
+) -> StackGeometry:
     """A stack grid with the given direction (3, 3) covering the points mask_world (P, 3) plus a margin.
 
     The grid is centred on the points' extent along each stack axis; k_shift (mm) moves it along k.
@@ -114,7 +117,7 @@ def stack_geometry(
     affine[:3, :3] = direction @ np.diag(steps)
     affine[:3, 3] = direction @ start
     centre = apply_affine(affine, (n - 1) / 2.0)
-    return _StackGeometry(affine, (int(n[0]), int(n[1]), int(n[2])), centre)
+    return StackGeometry(affine, (int(n[0]), int(n[1]), int(n[2])), centre)
 
 
 def _box_corners(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -327,7 +330,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
 class _StackPlan:
     """Everything drawn at random for one stack (nk slices)."""
 
-    geometry: _StackGeometry
+    geometry: StackGeometry
     centres: np.ndarray  # (nk, 3) slice pivots, nominal LPS mm
     rotations: np.ndarray  # (nk, 3, 3) slice motion, stack misalignment composed in
     translations: np.ndarray  # (nk, 3)

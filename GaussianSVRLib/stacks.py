@@ -7,6 +7,7 @@ position, and per slice its pivot, axes and PSF widths.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from dataclasses import dataclass
@@ -149,6 +150,42 @@ def read_mask(path: str | Path, stack_image: sitk.Image) -> np.ndarray:
     return mask
 
 
+#: NIfTI-1 datatype codes of floating-point voxels -> numpy type (complex ones included).
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+
+
+def nifti_has_nonfinite(path: str | Path) -> bool:
+    """True when a NIfTI-1/2 file stores NaN or Inf voxels.
+
+    ITK's NIfTI reader (before ITK 6, InsightSoftwareConsortium/ITK#6683) replaces them with 0 while
+    reading, so the array SimpleITK returns cannot show them: look at the bytes on disk.
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as file:
+        head = file.read(540)
+        for order in "<>":
+            size = int(np.frombuffer(head[:4], order + "i4")[0])
+            if size in (348, 540):
+                break
+        else:
+            return False
+        if size == 348:
+            dims = np.frombuffer(head[40:56], order + "i2")
+            datatype = int(np.frombuffer(head[70:72], order + "i2")[0])
+            offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+        else:
+            datatype = int(np.frombuffer(head[12:14], order + "i2")[0])
+            dims = np.frombuffer(head[16:80], order + "i8")
+            offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+        if datatype not in NIFTI_FLOAT_TYPES:
+            return False
+        count = int(np.prod(dims[1 : 1 + int(dims[0])], dtype=np.int64))
+        file.seek(offset)
+        data = np.frombuffer(file.read(), order + NIFTI_FLOAT_TYPES[datatype], count=count)
+    return not bool(np.isfinite(data).all())
+
+
 def read_stack(
     path: str | Path, mask_path: str | Path | None = None, thickness: float | None = None
 ) -> Stack:
@@ -158,7 +195,9 @@ def read_stack(
     if data.dtype.kind not in "iuf":
         raise InputError(path, f"stack has an unsupported voxel type {data.dtype}")
     data = data.astype(np.float32)
-    if not np.all(np.isfinite(data)):
+    if not np.all(np.isfinite(data)) or (
+        str(path).lower().endswith((".nii", ".nii.gz")) and nifti_has_nonfinite(path)
+    ):
         raise InputError(path, "stack has NaN or Inf voxels")
     if min(data.shape[1:]) < 2:
         raise InputError(path, f"stack slices are {data.shape[2]} x {data.shape[1]} pixels, too small")

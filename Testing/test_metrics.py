@@ -10,8 +10,6 @@ from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.metrics import (
-    SSIM_K1,
-    SSIM_K2,
     evaluate,
     evaluate_files,
     kabsch,
@@ -86,6 +84,17 @@ def test_alignment_recovers_a_known_rigid_motion(phantom):
     )
 
 
+def test_a_reconstruction_in_another_frame_is_found(phantom):
+    """Same voxels placed 40 mm away: beyond the registration's reach from the identity start."""
+    image, mask = phantom
+    elsewhere = sitk.Image(image)
+    shift = np.array([30.0, -20.0, 15.0])
+    elsewhere.SetOrigin(tuple(np.asarray(image.GetOrigin()) + shift))
+    result = evaluate(elsewhere, image, mask)
+    assert result["psnr"] > 60.0 and result["ssim"] > 0.999
+    assert result["alignment_shift_mm"] == pytest.approx(np.linalg.norm(shift), abs=0.05)
+
+
 def test_metrics_ignore_an_affine_intensity_change(phantom):
     image, mask = phantom
     recon = _degraded(image)
@@ -118,10 +127,10 @@ def test_metric_definitions(phantom):
 
 
 def test_ssim_luminance_and_contrast_terms():
-    mask = np.zeros((40, 40, 40), dtype=bool)
-    mask[4:36, 4:36, 4:36] = True
-    # Constant images: no variance, so SSIM is the luminance term exactly.
-    c1 = (SSIM_K1 * 50.0) ** 2
+    grid = np.arange(40) - 19.5
+    mask = np.sqrt(sum(g**2 for g in np.meshgrid(grid, grid, grid, indexing="ij"))) < 16.0
+    # Constant images: no variance inside the (masked) windows, so SSIM is the luminance term exactly.
+    c1 = (0.01 * 50.0) ** 2
     expected = (2 * 100.0 * 80.0 + c1) / (100.0**2 + 80.0**2 + c1)
     assert masked_ssim(np.full(mask.shape, 100.0), np.full(mask.shape, 80.0), mask, 50.0) == pytest.approx(
         expected
@@ -129,7 +138,7 @@ def test_ssim_luminance_and_contrast_terms():
     # Constant against noise of variance s2: the contrast term c2 / (local variance + c2), windows
     # of sigma 1.5 voxels (local variance about s2 (1 - sum w^2), sum w^2 = (2 sqrt(pi) 1.5)^-3).
     noisy = 100.0 + np.random.default_rng(0).normal(0.0, 3.0, mask.shape)
-    c2 = (SSIM_K2 * 30.0) ** 2
+    c2 = (0.03 * 30.0) ** 2
     local_variance = 9.0 * (1.0 - (2 * np.sqrt(np.pi) * 1.5) ** -3)
     value = masked_ssim(np.full(mask.shape, 100.0), noisy, mask, 30.0)
     assert value == pytest.approx(c2 / (local_variance + c2), rel=0.1)

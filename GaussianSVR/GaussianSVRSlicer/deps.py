@@ -1,9 +1,13 @@
 """The engine's Python packages inside Slicer: what is there, and what to install, never at import time.
 
-torch comes through the PyTorch extension (it picks the CUDA build that matches the driver); faiss-cpu
-(optional: the engine falls back to torch for the neighbour search) through pip, with Slicer's own
-numpy pinned so that pip cannot replace it. Nothing here imports torch or faiss: versions are read
-from package metadata, and faiss is only ever imported by the worker process.
+The worker (run with PythonSlicer) imports torch, the packages Slicer ships (numpy, vtk, SimpleITK)
+and those in ``PACKAGES``. torch comes through the PyTorch extension (it picks the CUDA build that
+matches the driver); ``PACKAGES`` through pip, with Slicer's own packages pinned so that pip cannot
+replace them. Nothing here imports any of them: versions are read from package metadata.
+
+Left out on purpose: tqdm (the worker runs with ``--progress json``; only the terminal bar imports
+it) and faiss (the engine's automatic neighbour search uses scipy's k-d tree on the CPU and faiss
+only when it has GPU support, which faiss-cpu has not).
 """
 
 from __future__ import annotations
@@ -12,61 +16,102 @@ import enum
 import importlib.metadata
 import importlib.util
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 TORCH_MINIMUM = "2.2"
-FAISS_REQUIREMENT = "faiss-cpu>=1.8"
-FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
 #: Slicer ships these; pip must never replace them (pinned to the installed version when known).
 PROTECTED_DISTRIBUTIONS = ("numpy", "vtk", "SimpleITK")
+#: The version of a package that imports but has no metadata (e.g. a source build): taken as good.
+UNKNOWN_VERSION = "unknown"
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pip package the worker imports; ``minimum`` as in the engine's pyproject.toml."""
+
+    distribution: str
+    minimum: str
+    required: bool
+    why: str
+    module: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}>={self.minimum}"
+
+    @property
+    def import_name(self) -> str:
+        return self.module or self.distribution
+
+
+#: Official Slicer builds ship scipy (Slicer_USE_SCIPY, ON by default); custom builds may not.
+PACKAGES = (
+    Package("scipy", "1.10", True, "the engine's neighbour search (k-d tree) and rotations"),
+    Package(
+        "numba",
+        "0.60",
+        False,
+        "CPU speed: fused kernels about 9x faster than plain PyTorch (about 60 MB to download; the first run "
+        "compiles them once, about 20 s)",
+    ),
+)
 
 
 class Action(enum.Enum):
     NEED_PYTORCH_EXTENSION = "need the PyTorch extension"
     INSTALL_TORCH = "install torch"
-    INSTALL_FAISS = "install faiss-cpu"
+    PIP_INSTALL = "pip install"
 
 
 @dataclass(frozen=True)
 class Environment:
-    """Installed versions (None: absent) and whether the PyTorch extension's module is available."""
+    """Installed versions (None: absent; UNKNOWN_VERSION: importable without metadata)."""
 
     torch: str | None
-    faiss: str | None
     pytorch_extension: bool
-    protected: dict[str, str | None] = field(default_factory=dict)
+    packages: Mapping[str, str | None]
+    protected: Mapping[str, str | None]
 
 
 @dataclass(frozen=True)
 class Step:
+    """One thing to do before a run; a required step must succeed, an optional one may be declined."""
+
     action: Action
     required: bool
     reason: str
+    package: Package | None = None
 
 
 def installed_version(
-    distribution: str, version: Callable[[str], str] = importlib.metadata.version
+    distribution: str,
+    version: Callable[[str], str] = importlib.metadata.version,
+    find_spec: Callable[[str], object] | None = None,
+    module: str = "",
 ) -> str | None:
+    """The version from metadata; UNKNOWN_VERSION if only ``find_spec(module)`` finds it; else None."""
     try:
         return version(distribution)
     except importlib.metadata.PackageNotFoundError:
+        if find_spec is not None and find_spec(module or distribution) is not None:
+            return UNKNOWN_VERSION
         return None
 
 
 def probe(
     version: Callable[[str], str] = importlib.metadata.version,
     find_spec: Callable[[str], object] = importlib.util.find_spec,
+    packages: Sequence[Package] = PACKAGES,
 ) -> Environment:
-    """What this Python has, without importing torch or faiss."""
-    faiss = next(
-        (v for v in (installed_version(d, version) for d in FAISS_DISTRIBUTIONS) if v is not None),
-        None,
-    )
+    """What this Python has, without importing any of it (find_spec of a top-level name imports nothing)."""
     return Environment(
         torch=installed_version("torch", version),
-        faiss=faiss,
         pytorch_extension=find_spec("PyTorchUtils") is not None,
+        packages={
+            p.distribution: installed_version(p.distribution, version, find_spec, p.import_name)
+            for p in packages
+        },
         protected={d: installed_version(d, version) for d in PROTECTED_DISTRIBUTIONS},
     )
 
@@ -83,10 +128,17 @@ def version_at_least(version: str, minimum: str) -> bool:
     return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
 
 
-def plan(env: Environment, faiss_declined: bool = False) -> list[Step]:
-    """The steps before a run can start, in order; required steps must succeed, optional ones may not."""
+def satisfied(found: str | None, minimum: str) -> bool:
+    return found == UNKNOWN_VERSION or (found is not None and version_at_least(found, minimum))
+
+
+def plan(
+    env: Environment, declined: Collection[str] = (), packages: Sequence[Package] = PACKAGES
+) -> list[Step]:
+    """The steps before a run can start: torch, then missing required packages, then missing optional
+    ones unless their distribution is in ``declined`` (each is offered once)."""
     steps: list[Step] = []
-    if env.torch is None or not version_at_least(env.torch, TORCH_MINIMUM):
+    if not satisfied(env.torch, TORCH_MINIMUM):
         found = "not installed" if env.torch is None else f"version {env.torch} is too old"
         if env.pytorch_extension:
             steps.append(Step(Action.INSTALL_TORCH, True, f"PyTorch {found}; need >={TORCH_MINIMUM}"))
@@ -99,14 +151,15 @@ def plan(env: Environment, faiss_declined: bool = False) -> list[Step]:
                     "restart Slicer, and try again.",
                 )
             )
-    if env.faiss is None and not faiss_declined:
-        steps.append(
-            Step(
-                Action.INSTALL_FAISS,
-                False,
-                "faiss-cpu makes the neighbour search faster (optional, about 30 MB)",
-            )
-        )
+    missing = [p for p in packages if not satisfied(env.packages.get(p.distribution), p.minimum)]
+    for package in sorted(missing, key=lambda p: not p.required):
+        if not package.required and package.distribution in declined:
+            continue
+        found = env.packages.get(package.distribution)
+        state = "is not installed" if found is None else f"{found} is older than {package.minimum}"
+        kind = "needed" if package.required else "optional"
+        reason = f"{package.distribution} {state} ({kind}: {package.why})"
+        steps.append(Step(Action.PIP_INSTALL, package.required, reason, package))
     return steps
 
 
@@ -116,5 +169,13 @@ def constraints_text(protected: Mapping[str, str | None]) -> str:
 
 
 def pip_install_arguments(requirement: str, constraints_file: str) -> list[str]:
-    """Arguments after the interpreter: install ``requirement`` without touching pinned packages."""
-    return ["-m", "pip", "install", "--disable-pip-version-check", requirement, "-c", constraints_file]
+    """Arguments after the interpreter: install ``requirement`` without touching pinned packages.
+
+    Wheels only: Slicer users rarely have a compiler, and a resolver that cannot satisfy the pins
+    would otherwise fall back to building an old release from source; this way it fails at once with
+    a readable message. No prompts: pip runs without a terminal.
+    """
+    return [
+        "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--only-binary", ":all:",
+        requirement, "-c", constraints_file,
+    ]  # fmt: skip

@@ -79,11 +79,12 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "nGaussians",
         int,
-        30000,
-        "Number of 3-D Gaussians that represent the volume. More resolve finer detail; memory grows "
-        "linearly, time a little (each pixel still sees only its nearest Gaussians).",
+        0,
+        "Number of 3-D Gaussians that represent the volume; 0 = automatic (90 per ml of brain, about "
+        "15,000 at 28 weeks). More can resolve finer detail but makes slice motion harder to "
+        "estimate; memory grows linearly, time a little (each pixel sees only its nearest Gaussians).",
         "--n-gaussians",
-        1000,
+        0,
         500000,
     ),
     Setting(
@@ -204,9 +205,9 @@ PATH_PARAMETERS: tuple[str, ...] = ("outputFolder",)
 
 #: Values each preset writes into the Advanced settings (the engine's own preset values).
 PRESETS: dict[Preset, dict[str, object]] = {
-    Preset.PREVIEW: {"nGaussians": 12000, "kNeighbours": 12, "iterations": 150},
-    Preset.STANDARD: {"nGaussians": 30000, "kNeighbours": 16, "iterations": 400},
-    Preset.HIGH: {"nGaussians": 60000, "kNeighbours": 24, "iterations": 1000},
+    Preset.PREVIEW: {"kNeighbours": 12, "iterations": 150},
+    Preset.STANDARD: {"kNeighbours": 16, "iterations": 400},
+    Preset.HIGH: {"kNeighbours": 24, "iterations": 800},
 }
 
 
