@@ -74,7 +74,7 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n-gaussians", type=non_negative_int, default=None,
-                   help="number of Gaussians; 0 (default) = automatic, 90 per ml of brain")
+                   help="number of Gaussians; 0 (default) = automatic, 35 per ml of brain")
     p.add_argument("--k-neighbours", type=positive_int, default=None)
     p.add_argument("--iterations", type=positive_int, default=None)
     p.add_argument("--batch-pixels", type=positive_int, default=None)

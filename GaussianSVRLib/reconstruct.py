@@ -134,7 +134,9 @@ def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) ->
     norm = float(np.median(positive)) if len(positive) else 1.0
     affine, shape = grid_covering(slices.positions, stacks[reference].direction, settings.output_resolution)
     check_grid_fits(shape, settings.output_resolution, volume_path)
-    n_gaussians = settings.n_gaussians or automatic_gaussian_count(stacks[reference], settings.gaussians_per_ml)
+    n_gaussians = settings.n_gaussians or automatic_gaussian_count(
+        stacks[reference], settings.gaussians_per_ml
+    )
     return Problem(stacks, slices, reference, norm, affine, shape, n_gaussians)
 
 
@@ -363,6 +365,7 @@ def reconstruct(
         stacks=stacks,
         slices=problem.slices,
         reference=problem.reference,
+        n_gaussians=field_.n,
         rotvec=rotvec,
         translation=translation,
         scale=scale,

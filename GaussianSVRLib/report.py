@@ -42,6 +42,7 @@ def build_report(
     stacks: list[Stack],
     slices: SliceSet,
     reference: int,
+    n_gaussians: int,
     rotvec: np.ndarray,
     translation: np.ndarray,
     scale: np.ndarray,
@@ -89,6 +90,7 @@ def build_report(
         "settings": settings.as_dict(),
         "timings": {key: round(value, 3) for key, value in timings.items()},
         "n_pixels": slices.n_pixels,
+        "n_gaussians": n_gaussians,
         "slices": per_slice,
         "stacks": per_stack,
     }

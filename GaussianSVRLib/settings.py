@@ -10,11 +10,11 @@ class Settings:
     """Everything that steers a reconstruction. Defaults are the "standard" preset, sized for a CPU.
 
     n_gaussians = 0 means automatic: gaussians_per_ml times the brain volume of the reference
-    stack's mask (about 15,000 for a 28-week brain).
+    stack's mask (about 6,000 for a 28-week brain).
     """
 
     n_gaussians: int = 0
-    gaussians_per_ml: float = 90.0
+    gaussians_per_ml: float = 35.0
     k_neighbours: int = 16
     iterations: int = 400
     batch_pixels: int = 32768
@@ -54,7 +54,7 @@ class Settings:
 PRESETS: dict[str, dict[str, object]] = {
     "preview": {"k_neighbours": 12, "iterations": 150},
     "standard": {},
-    "high": {"k_neighbours": 24, "iterations": 800},
+    "high": {"k_neighbours": 24, "iterations": 800, "gaussians_per_ml": 50.0},
 }
 
 

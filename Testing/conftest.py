@@ -1,38 +1,33 @@
-"""Shared fixtures: a small synthetic brain phantom and stacks simulated from it."""
+"""Shared fixtures: a small phantom made from the bundled atlas, and stacks simulated from it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from GaussianSVRLib.simulate import SimulationResult, simulate_stacks
 
+ATLAS = Path(__file__).resolve().parent.parent / "data" / "atlas"
 
-def phantom_image(size: int = 40, spacing: float = 1.2) -> tuple[sitk.Image, sitk.Image]:
-    """An ellipsoidal "brain" with a darker rim, two bright "ventricles" and a smooth bias.
 
-    Returns the volume (float32) and its mask (uint8), LPS, identity direction, centred at origin.
+def phantom_image(spacing: float = 1.6) -> tuple[sitk.Image, sitk.Image]:
+    """The bundled 28-week atlas brain, smoothed and resampled to `spacing` mm: real anatomy, small.
+
+    Returns the volume (float32) and its brain mask (uint8) with the atlas geometry (LPS).
     """
-    grid = (np.arange(size) - (size - 1) / 2) * spacing
-    z, y, x = np.meshgrid(grid, grid, grid, indexing="ij")
-    radius = size * spacing * 0.38
-    r = np.sqrt((x / radius) ** 2 + (y / (0.85 * radius)) ** 2 + (z / (0.75 * radius)) ** 2)
-    volume = np.where(r < 1.0, 1.0, 0.0) - 0.4 * ((r > 0.8) & (r < 1.0))
-    for cx in (-0.3, 0.3):
-        d = np.sqrt(
-            ((x - cx * radius) / (0.15 * radius)) ** 2 + (y / (0.4 * radius)) ** 2 + (z / (0.2 * radius)) ** 2
-        )
-        volume = volume + 1.5 * (d < 1.0)
-    volume = volume * (1.0 + 0.1 * x / radius)
-    image = sitk.GetImageFromArray(volume.astype(np.float32) * 1000.0)
-    image.SetSpacing((spacing,) * 3)
-    image.SetOrigin((float(grid[0]),) * 3)
-    mask = sitk.GetImageFromArray((r < 1.05).astype(np.uint8))
-    mask.CopyInformation(image)
-    return image, mask
+    volume = sitk.ReadImage(str(ATLAS / "SB_GA28_operated_T2w.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(ATLAS / "SB_GA28_operated_brainmask.nii.gz"), sitk.sitkUInt8)
+    size = [int(round(n * s / spacing)) for n, s in zip(volume.GetSize(), volume.GetSpacing(), strict=True)]
+    smoothed = sitk.SmoothingRecursiveGaussian(volume, spacing / 2.3548)
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing((spacing,) * 3)
+    grid.SetOrigin(volume.GetOrigin())
+    grid.SetDirection(volume.GetDirection())
+    small = sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    small_mask = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return small, small_mask
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from GaussianSVRLib.simulate import naive_average, read_truth, simulate_stacks
 
 #: Required PSNR gain over the naive average of the resampled stacks (measured ~N dB on this phantom).
 MARGIN_DB = 2.0
-TINY = Settings(n_gaussians=3000, iterations=150, batch_pixels=8192, output_resolution=1.2, checkpoint_interval_s=1e9)
+TINY = Settings(iterations=150, batch_pixels=8192, output_resolution=1.6, checkpoint_interval_s=1e9)
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +46,39 @@ def test_output_overlays_the_ground_truth_without_registration(reconstruction, p
 def test_outputs_are_written_with_geometry(reconstruction):
     paths = reconstruction.paths
     written = sitk.ReadImage(paths["volume"])
-    assert written.GetSpacing() == pytest.approx((1.2, 1.2, 1.2))
+    assert written.GetSpacing() == pytest.approx((1.6, 1.6, 1.6))
     assert np.allclose(written.GetOrigin(), reconstruction.volume.GetOrigin(), atol=1e-4)
     gaussians = np.load(paths["gaussians"])
-    assert gaussians["means"].shape == (TINY.n_gaussians, 3)
-    assert gaussians["covariances"].shape == (TINY.n_gaussians, 3, 3)
+    n = reconstruction.report["n_gaussians"]
+    assert n > 0
+    assert gaussians["means"].shape == (n, 3)
+    assert gaussians["covariances"].shape == (n, 3, 3)
     assert len(reconstruction.report["slices"]) == sum(s["n_slices"] for s in reconstruction.report["stacks"])
 
 
 def test_motion_is_recovered(phantom, tmp_path):
     volume, mask = phantom
-    sim = simulate_stacks(volume, mask, tmp_path / "stacks", n_stacks=3, in_plane=1.2, thickness=2.4,
-                          max_rotation_deg=4.0, max_translation_mm=2.0, noise=0.01, seed=11)
+    sim = simulate_stacks(
+        volume,
+        mask,
+        tmp_path / "stacks",
+        n_stacks=3,
+        in_plane=1.6,
+        thickness=3.2,
+        max_rotation_deg=4.0,
+        max_translation_mm=2.0,
+        noise=0.01,
+        seed=11,
+    )
     result = reconstruct(sim.stack_paths, sim.mask_paths, None, TINY.updated(iterations=200))
     truth = read_truth(sim.transforms_path)
     rotation, translation = motion_errors(result.report["slices"], truth)
-    identity = [dict(s, rotation=[0.0, 0.0, 0.0], translation=[0.0, 0.0, 0.0]) for s in result.report["slices"]]
+    identity = [
+        dict(s, rotation=[0.0, 0.0, 0.0], translation=[0.0, 0.0, 0.0]) for s in result.report["slices"]
+    ]
     rotation0, translation0 = motion_errors(identity, truth)
     assert np.median(rotation) < 0.6 * np.median(rotation0), (np.median(rotation), np.median(rotation0))
-    assert np.median(translation) < 0.6 * np.median(translation0), (np.median(translation), np.median(translation0))
+    assert np.median(translation) < 0.6 * np.median(translation0), (
+        np.median(translation),
+        np.median(translation0),
+    )

@@ -13,8 +13,9 @@ the stacks and writing the volume included; simulation, process start-up and eva
 excluded). Each configuration runs ``--repeats`` times with reconstruction seeds 0, 1, ... on
 the same simulated stacks; tables give medians.
 
-Usage: python bench/bench_reconstruction.py [--quick] [--repeats 3] [--cases target,real]
-       [--ablations psf,k,n,c2f|none] [--write docs/benchmarks_reconstruction.md]
+Usage: python bench/bench_reconstruction.py [--quick] [--repeats 3] [--ablation-repeats N]
+       [--cases target,real] [--ablations psf,k,n,c2f|none] [--iterations N] [--preset standard]
+       [--write docs/benchmarks_reconstruction.md]
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ CASES = {
 ABLATIONS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "psf": ("psf_mode", ("exact", "normalized", "none")),
     "k": ("k_neighbours", (8, 16, 32)),
-    "n": ("n_gaussians", (15000, 30000, 60000)),
+    "n": ("n_gaussians", (3000, 12000, 24000)),
     "c2f": ("coarse_to_fine", (True, False)),
 }
 
@@ -211,7 +212,6 @@ def run_child(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 class CaseData:
     stacks: list[str]
     masks: list[str]
-    thicknesses: list[float] | None
     reference: sitk.Image
     mask: sitk.Image
     truth: list[dict[str, Any]] | None
@@ -262,7 +262,6 @@ def load_case(case: Case) -> CaseData:
         return CaseData(
             result.stack_paths,
             result.mask_paths,
-            None,
             reference,
             mask,
             truth,
@@ -274,7 +273,6 @@ def load_case(case: Case) -> CaseData:
     return CaseData(
         [str(REAL_DIR / f"{stem}.nii.gz") for stem in stems],
         [str(REAL_DIR / f"{stem}_desc-brain_mask.nii.gz") for stem in stems],
-        None,  # thickness from the BIDS sidecars (SliceThickness 3)
         reference,
         real_mask(reference),
         None,
@@ -360,22 +358,23 @@ class Bench:
             print(f"[{name}] naive average PSNR {naive_psnr:.2f} dB", flush=True)
         return self.cases[name]
 
-    def variant(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """The runs of one configuration (computed on first request) and their medians."""
+    def variant(self, name: str, overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
+        """The runs of one configuration (computed on first request, seeds 0..repeats-1), medians."""
         record = self.case_record(name)
         label = variant_label(overrides)
         if label in record["variants"]:
             return record["variants"][label]
         data = self.data[name]
         runs = []
-        for seed in range(self.args.repeats):
+        for seed in range(repeats):
             folder = OUTPUT / name / "runs" / f"{label}_seed{seed}"
             spec = {
                 "preset": self.args.preset,
                 "settings": {**self.base, **overrides, "seed": seed},
                 "stacks": data.stacks,
                 "masks": data.masks,
-                "thicknesses": data.thicknesses,
+                # Thickness: the slice spacing for simulated stacks, the BIDS sidecars for sub-01.
+                "thicknesses": None,
                 "volume": str(folder / "volume.nii.gz"),
                 "report": str(folder / "report.json"),
             }
@@ -603,7 +602,8 @@ def section(results: dict[str, Any]) -> str:
         default_psnr = target["variants"]["default"]["median"].get("psnr")
         lines += [
             "",
-            "Ablations on the target case (one setting changed from the preset; ΔPSNR vs the preset's row):",
+            "Ablations on the target case (one setting changed from the preset; ΔPSNR vs the preset's row; "
+            f"{repeats_phrase(results['ablation_repeats']).lower()} per row):",
             "",
             *table_header("setting", "preset"),
         ]
@@ -656,6 +656,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_ITERATIONS} iterations per run"
     )
+    parser.add_argument("--ablation-repeats", type=int, help="runs per ablation (default: --repeats)")
     parser.add_argument("--iterations", type=int, help="override the preset's iterations")
     parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
     parser.add_argument(
@@ -668,8 +669,9 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
+    ablation_repeats = args.repeats if args.ablation_repeats is None else args.ablation_repeats
+    if min(args.repeats, ablation_repeats) < 1:
+        raise SystemExit("--repeats and --ablation-repeats must be at least 1")
     cases = parse_list(args.cases, list(CASES), "case")
     ablations = parse_list(args.ablations, list(ABLATIONS), "ablation")
     write = args.write or (OUTPUT / "benchmarks_reconstruction.md" if args.quick else DEFAULT_SECTION)
@@ -678,12 +680,12 @@ def main() -> None:
     info = machine(os.getloadavg())
     bench = Bench(args)
     for name in cases:
-        bench.variant(name, {})
+        bench.variant(name, {}, args.repeats)
     settings = preset(args.preset).updated(**bench.base).as_dict()
     for group in ablations:
         setting = ABLATIONS[group][0]
         for value in ablation_values(group, settings):
-            bench.variant("target", ablation_overrides(setting, value, settings))
+            bench.variant("target", ablation_overrides(setting, value, settings), ablation_repeats)
     # Cases in their canonical order, "target" first; ablations alone still show the target's row.
     ordered = {name: bench.cases[name] for name in CASES if name in bench.cases}
     results = {
@@ -692,6 +694,7 @@ def main() -> None:
         "bench_s": time.perf_counter() - started,
         "quick": args.quick,
         "repeats": args.repeats,
+        "ablation_repeats": ablation_repeats,
         "preset": args.preset,
         "settings": settings,
         "targets": TARGETS,

@@ -80,8 +80,8 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
         "nGaussians",
         int,
         0,
-        "Number of 3-D Gaussians that represent the volume; 0 = automatic (90 per ml of brain, about "
-        "15,000 at 28 weeks). More can resolve finer detail but makes slice motion harder to "
+        "Number of 3-D Gaussians that represent the volume; 0 = automatic (35 per ml of brain, about "
+        "6,000 at 28 weeks). More can resolve finer detail but makes slice motion harder to "
         "estimate; memory grows linearly, time a little (each pixel sees only its nearest Gaussians).",
         "--n-gaussians",
         0,

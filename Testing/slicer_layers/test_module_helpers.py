@@ -1,15 +1,14 @@
-"""The module's plain-Python helpers: the worker's command line and environment, the dependency
-decisions (what to install, how, and what never to touch), and the QC summary of a report."""
+"""The module's plain-Python helpers: the worker's command line and environment, and the QC summary
+of a report (the dependency decisions are in test_deps.py)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
 import pytest
-from GaussianSVRSlicer import command, deps, params, report
+from GaussianSVRSlicer import command, params, report
 from slicer_helpers import REPO
 
 # -- command ------------------------------------------------------------------------------------------
@@ -86,63 +85,6 @@ def test_engine_found_in_the_source_layout_when_not_on_the_path(tmp_path, monkey
 def test_safe_file_name():
     assert command.safe_file_name("Fetus 3/T2 (recon)") == "Fetus_3_T2__recon"
     assert command.safe_file_name("..") == "reconstruction"
-
-
-# -- dependencies ---------------------------------------------------------------------------------------
-
-
-def fake_versions(installed: dict[str, str]):
-    def version(name: str) -> str:
-        if name not in installed:
-            raise importlib.metadata.PackageNotFoundError(name)
-        return installed[name]
-
-    return version
-
-
-def test_probe_reads_metadata_without_importing():
-    env = deps.probe(
-        fake_versions({"torch": "2.13.0+cpu", "faiss-gpu-cu12": "1.9.0", "numpy": "1.26.4"}),
-        find_spec=lambda name: object() if name == "PyTorchUtils" else None,
-    )
-    assert env.torch == "2.13.0+cpu" and env.faiss == "1.9.0" and env.pytorch_extension
-    assert env.protected == {"numpy": "1.26.4", "vtk": None, "SimpleITK": None}
-
-
-def test_plan_installs_torch_through_the_extension_and_offers_faiss():
-    missing = deps.Environment(torch=None, faiss=None, pytorch_extension=True)
-    steps = deps.plan(missing)
-    assert [(s.action, s.required) for s in steps] == [
-        (deps.Action.INSTALL_TORCH, True),
-        (deps.Action.INSTALL_FAISS, False),
-    ]
-    assert deps.plan(missing, faiss_declined=True)[-1].action is deps.Action.INSTALL_TORCH
-
-
-def test_plan_without_the_pytorch_extension_explains_what_to_do():
-    (step,) = deps.plan(deps.Environment(torch="2.0.1", faiss="1.8.0", pytorch_extension=False))
-    assert step.action is deps.Action.NEED_PYTORCH_EXTENSION and step.required
-    assert "2.0.1" in step.reason and "Extensions Manager" in step.reason
-
-
-def test_plan_is_empty_when_everything_is_there():
-    assert deps.plan(deps.Environment(torch="2.13.0+cu121", faiss="1.8.0", pytorch_extension=False)) == []
-
-
-def test_version_comparison():
-    assert deps.version_at_least("2.13.0+cpu", "2.2")
-    assert deps.version_at_least("2.2", "2.2.0")
-    assert not deps.version_at_least("2.1.9", "2.2")
-    assert not deps.version_at_least("garbage", "2.2")
-
-
-def test_pip_never_touches_slicers_own_packages(tmp_path):
-    text = deps.constraints_text({"numpy": "1.26.4", "vtk": None, "SimpleITK": "2.4.0"})
-    assert text == "SimpleITK==2.4.0\nnumpy==1.26.4\n"
-    args = deps.pip_install_arguments(deps.FAISS_REQUIREMENT, "/tmp/c.txt")
-    assert args[:3] == ["-m", "pip", "install"] and args[-2:] == ["-c", "/tmp/c.txt"]
-    assert deps.FAISS_REQUIREMENT in args
-    assert not any(name.lower() in " ".join(args).lower() for name in ("numpy", "vtk", "simpleitk", "torch"))
 
 
 # -- QC summary ------------------------------------------------------------------------------------------
