@@ -73,8 +73,12 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard", help="settings preset")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-gaussians", type=non_negative_int, default=None,
-                   help="number of Gaussians; 0 (default) = automatic, 35 per ml of brain")
+    p.add_argument(
+        "--n-gaussians",
+        type=non_negative_int,
+        default=None,
+        help="number of Gaussians; 0 (default) = automatic, 35 per ml of brain",
+    )
     p.add_argument("--k-neighbours", type=positive_int, default=None)
     p.add_argument("--iterations", type=positive_int, default=None)
     p.add_argument("--batch-pixels", type=positive_int, default=None)

@@ -75,6 +75,11 @@ def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     return eye + a * k + b * (k @ k)
 
 
+def rotvec_to_matrix_np(rotvec: np.ndarray) -> np.ndarray:
+    """rotvec_to_matrix for numpy: rotation vectors (..., 3) radians -> float64 matrices (..., 3, 3)."""
+    return rotvec_to_matrix(torch.as_tensor(np.asarray(rotvec, dtype=np.float64))).numpy()
+
+
 def matrix_to_rotvec(matrix: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) -> rotation vectors (..., 3) in radians."""
     from scipy.spatial.transform import Rotation

@@ -16,6 +16,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .geometry import kabsch, rotvec_to_matrix_np
+from .stacks import read_image
 
 #: SSIM Gaussian window (voxels) and truncation, as in Wang et al. 2004 (11-tap window at sigma 1.5).
 SSIM_SIGMA = 1.5
@@ -230,40 +232,16 @@ def evaluate(
     return results
 
 
-def _read(path: str | Path, what: str) -> sitk.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} file does not exist")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(path, f"cannot read the {what}") from None
-
-
 def evaluate_files(
     reconstruction_path: str | Path, reference_path: str | Path, mask_path: str | Path, align: bool = True
 ) -> dict[str, Any]:
     """``evaluate`` on images read from files; InputError naming the file for unreadable input."""
     return evaluate(
-        _read(reconstruction_path, "reconstruction"),
-        _read(reference_path, "reference"),
-        _read(mask_path, "mask"),
+        read_image(reconstruction_path, "reconstruction"),
+        read_image(reference_path, "reference"),
+        read_image(mask_path, "mask"),
         align=align,
     )
-
-
-def rotvec_matrix(rotvec: np.ndarray) -> np.ndarray:
-    """Rodrigues in numpy: rotation vectors (..., 3) radians -> matrices (..., 3, 3)."""
-    rotvec = np.asarray(rotvec, dtype=np.float64)
-    theta = np.linalg.norm(rotvec, axis=-1)[..., None, None]
-    x, y, z = np.moveaxis(rotvec, -1, 0)
-    zero = np.zeros_like(x)
-    k = np.stack([np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1), np.stack([-y, x, zero], -1)], -2)
-    small = theta < 1e-6
-    safe = np.where(small, 1.0, theta)
-    a = np.where(small, 1.0 - theta**2 / 6.0, np.sin(safe) / safe)
-    b = np.where(small, 0.5 - theta**2 / 24.0, (1.0 - np.cos(safe)) / safe**2)
-    return np.eye(3) + a * k + b * (k @ k)
 
 
 def rotation_angle_deg(matrix: np.ndarray) -> np.ndarray:
@@ -272,15 +250,6 @@ def rotation_angle_deg(matrix: np.ndarray) -> np.ndarray:
     sin = 0.5 * np.linalg.norm(np.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1), axis=-1)
     cos = 0.5 * (np.trace(matrix, axis1=-2, axis2=-1) - 1.0)
     return np.degrees(np.arctan2(sin, cos))
-
-
-def kabsch(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares rigid (R (3, 3), t (3,)) with R source + t ~ target, for points (N, 3)."""
-    cs, ct = source.mean(0), target.mean(0)
-    u, _, vt = np.linalg.svd((source - cs).T @ (target - ct))
-    d = np.sign(np.linalg.det(vt.T @ u.T))
-    rotation = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-    return rotation, ct - rotation @ cs
 
 
 def _apply(
@@ -321,8 +290,8 @@ def fit_global_rigid(estimated: list[dict], truth: list[dict]) -> tuple[np.ndarr
     est, true = _matched(estimated, truth)
     offsets = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * SLICE_POINT_RADIUS_MM
     points = true["centre"][:, None] + offsets  # (M, 7, 3)
-    moved_true = _apply(points, true["centre"], rotvec_matrix(true["rotation"]), true["translation"])
-    moved_est = _apply(points, est["centre"], rotvec_matrix(est["rotation"]), est["translation"])
+    moved_true = _apply(points, true["centre"], rotvec_to_matrix_np(true["rotation"]), true["translation"])
+    moved_est = _apply(points, est["centre"], rotvec_to_matrix_np(est["rotation"]), est["translation"])
     return kabsch(moved_true.reshape(-1, 3), moved_est.reshape(-1, 3))
 
 
@@ -342,7 +311,7 @@ def motion_errors(estimated: list[dict], truth: list[dict]) -> tuple[np.ndarray,
     """
     est, true = _matched(estimated, truth)
     g_rotation, g_translation = fit_global_rigid(estimated, truth)
-    r_true, r_est = rotvec_matrix(true["rotation"]), rotvec_matrix(est["rotation"])
+    r_true, r_est = rotvec_to_matrix_np(true["rotation"]), rotvec_to_matrix_np(est["rotation"])
     residual = np.swapaxes(r_est, -1, -2) @ g_rotation @ r_true
     centres = true["centre"]
     mapped_true = (centres + true["translation"]) @ g_rotation.T + g_translation

@@ -30,7 +30,14 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import apply_affine, image_affine, matrix_to_rotvec, rotvec_to_matrix, set_image_geometry
+from .export import write_image
+from .geometry import (
+    apply_affine,
+    image_affine,
+    matrix_to_rotvec,
+    rotvec_to_matrix_np,
+    set_image_geometry,
+)
 from .stacks import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
 
 #: Stack orientations (columns = i, j, k axes in LPS world), cycled: axial, coronal, sagittal, axial.
@@ -63,11 +70,6 @@ class StackGeometry:
     affine: np.ndarray  # (4, 4) voxel -> LPS
     size: tuple[int, int, int]  # (ni, nj, nk)
     centre: np.ndarray  # (3,) nominal centre of the field of view
-
-
-def _rotation(rotvec: np.ndarray) -> np.ndarray:
-    """Rotation vectors (..., 3) radians -> matrices (..., 3, 3), float64 numpy."""
-    return rotvec_to_matrix(torch.as_tensor(np.asarray(rotvec, dtype=np.float64))).numpy()
 
 
 def _random_unit(rng: np.random.Generator) -> np.ndarray:
@@ -270,19 +272,10 @@ def _compose_misalignment(
     Rs (R (p - c) + c + t - ps) + ps + ts = (Rs R)(p - c) + c + t' with t' = Rs (c + t - ps) + ps + ts - c.
     Returns rotation matrices (nk, 3, 3) and translations (nk, 3).
     """
-    rs = _rotation(mis_rot)
-    matrices = rs[None] @ _rotation(rot)
+    rs = rotvec_to_matrix_np(mis_rot)
+    matrices = rs[None] @ rotvec_to_matrix_np(rot)
     translations = (centres + trans - pivot) @ rs.T + pivot + mis_trans - centres
     return matrices, translations
-
-
-def _write_atomic_image(image: sitk.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_atomic_json(data: dict[str, Any], path: Path) -> None:
@@ -345,7 +338,7 @@ def _plan_stack(
     direction = ORIENTATIONS[index % len(ORIENTATIONS)]
     if settings["oblique"]:
         angle = np.deg2rad(rng.uniform(*OBLIQUE_RANGE_DEG))
-        direction = _rotation(_random_unit(rng) * angle) @ direction
+        direction = rotvec_to_matrix_np(_random_unit(rng) * angle) @ direction
     spacing = settings["spacing"]
     k_shift = spacing / 2.0 if index % len(ORIENTATIONS) == 3 else 0.0
     geometry = stack_geometry(
@@ -497,8 +490,8 @@ def simulate_stacks(
             mask_array, world_to_index, g.affine, g.size, plan.rotations, plan.translations
         )
         stack_name, mask_name = f"stack_{s:02d}.nii.gz", f"mask_{s:02d}.nii.gz"
-        _write_atomic_image(_image(signal.astype(np.float32), g.affine), out_dir / stack_name)
-        _write_atomic_image(_image(stack_mask, g.affine), out_dir / mask_name)
+        write_image(_image(signal.astype(np.float32), g.affine), out_dir / stack_name)
+        write_image(_image(stack_mask, g.affine), out_dir / mask_name)
         result.stack_paths.append(str(out_dir / stack_name))
         result.mask_paths.append(str(out_dir / mask_name))
         records.append(_stack_record(plan, stack_name, mask_name, settings))

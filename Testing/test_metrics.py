@@ -9,14 +9,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.errors import InputError
-from GaussianSVRLib.metrics import (
-    evaluate,
-    evaluate_files,
-    kabsch,
-    masked_ssim,
-    motion_errors,
-    rotvec_matrix,
-)
+from GaussianSVRLib.geometry import kabsch, rotvec_to_matrix_np
+from GaussianSVRLib.metrics import evaluate, evaluate_files, masked_ssim, motion_errors
 
 SIZE = 48
 
@@ -236,7 +230,9 @@ def test_unmatched_slices_are_refused():
 def test_rotation_helpers_match_scipy():
     rng = np.random.default_rng(3)
     rotvecs = np.vstack([rng.normal(0, 1, (5, 3)), np.zeros((1, 3)), [[1e-9, 0, 0]]])
-    np.testing.assert_allclose(rotvec_matrix(rotvecs), Rotation.from_rotvec(rotvecs).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(
+        rotvec_to_matrix_np(rotvecs), Rotation.from_rotvec(rotvecs).as_matrix(), atol=1e-12
+    )
     points = rng.normal(0, 10, (30, 3))
     rotation = Rotation.from_rotvec([0.3, 2.0, -0.5]).as_matrix()
     found_r, found_t = kabsch(points, points @ rotation.T + [1.0, 2.0, 3.0])
