@@ -8,8 +8,9 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .errors import InputError
-from .export import write_json, write_montage
+from .export import write_json
 from .metrics import evaluate
+from .montage import write_montage
 from .qc import summary_table
 from .reconstruct import Outputs, reconstruct
 from .settings import preset

@@ -1,4 +1,4 @@
-"""Writing the engine's outputs: volumes, Gaussians (.npz and .vtp ellipsoids), JSON reports, montages.
+"""Writing the engine's outputs: volumes, Gaussians (.npz and .vtp ellipsoids), JSON reports.
 
 Every writer is atomic: it writes a hidden temporary file in the destination folder whose name keeps
 the destination's extension (so writers that choose the format by extension pick the right one) and
@@ -21,17 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+from vtkmodules.util.numpy_support import numpy_to_vtk
 from vtkmodules.vtkCommonCore import vtkPoints, vtkStringArray
-from vtkmodules.vtkCommonDataModel import vtkFieldData, vtkImageData, vtkPolyData
+from vtkmodules.vtkCommonDataModel import vtkFieldData, vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkTensorGlyph
 from vtkmodules.vtkFiltersSources import vtkSphereSource
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
-from vtkmodules.vtkRenderingCore import vtkTextProperty
-from vtkmodules.vtkRenderingFreeType import vtkFreeTypeTools
 
 from .errors import InputError
-from .geometry import apply_affine, image_affine
 
 #: Coordinate system of every array and file written here.
 SPACE = "LPS"
@@ -40,12 +37,6 @@ _COMPOUND_EXTENSIONS = (".nii.gz",)
 #: Formats that keep the voxels in a second file named inside the header: a rename cannot move both.
 _DETACHED_HEADER_EXTENSIONS = (".nhdr", ".mhd", ".hdr", ".img")
 #: Montage panels are resampled to at most this many pixels along either side.
-MAX_PANEL_PIXELS = 512
-#: Black columns between montage panels.
-MONTAGE_GAP = 4
-#: Montage field of view: the mask's (or the non-zero voxels') box plus this margin (mm) on every side.
-MONTAGE_MARGIN_MM = 10.0
-_TITLE_FONT_SIZE = 14
 
 
 def _extension(path: Path) -> str:
@@ -57,7 +48,7 @@ def _extension(path: Path) -> str:
 
 
 @contextmanager
-def _atomic(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds."""
     target = Path(path)
     extension = _extension(target)
@@ -80,7 +71,7 @@ def write_image(image: sitk.Image, path: str | Path) -> None:
     target = Path(path)
     if _extension(target).lower() in _DETACHED_HEADER_EXTENSIONS:
         raise InputError(target, "two-file image formats cannot be written atomically; use .nii.gz or .nrrd")
-    with _atomic(target) as temporary:
+    with atomic_path(target) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
 
 
@@ -104,7 +95,7 @@ def _json_safe(value: object) -> object:
 def write_json(data: dict, path: str | Path) -> None:
     """Write ``data`` as indented JSON; NaN and infinities are written as null (strict JSON)."""
     text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    with _atomic(path) as temporary:
+    with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 
@@ -133,7 +124,7 @@ def save_gaussians(
     if "space" in extra:
         raise ValueError("'space' is reserved for the coordinate system")
     arrays = {k: np.asarray(v) for k, v in extra.items()}
-    with _atomic(path) as temporary, open(temporary, "wb") as file:
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
         np.savez(
             file,
             means=means,
@@ -273,7 +264,7 @@ def write_ellipsoids(
     space.InsertNextValue(SPACE)
     field_data.AddArray(space)
     marked.SetFieldData(field_data)
-    with _atomic(path) as temporary:
+    with atomic_path(path) as temporary:
         writer = vtkXMLPolyDataWriter()
         writer.SetInputData(marked)
         writer.SetFileName(str(temporary))
@@ -284,159 +275,3 @@ def write_ellipsoids(
         writer.SetCompressionLevel(1)
         if writer.Write() != 1 or not temporary.exists():
             raise OSError(f"{path}: could not write the ellipsoid model")
-
-
-def _resample_onto(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """Nearest-neighbour values (k, j, i) of ``image`` on the grid of ``reference`` (0 outside)."""
-    same_grid = (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
-    )
-    if not same_grid:
-        image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(image)
-
-
-def _region(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarray, bool]:
-    """Voxels (k, j, i) bool that frame the montage, and whether they come from the mask.
-
-    The mask's voxels if it has any, else the non-zero voxels (masked reconstructions and resampled
-    stacks are mostly zero padding), else all voxels.
-    """
-    if mask is not None:
-        inside = _resample_onto(mask, image) > 0
-        if inside.any():
-            return inside, True
-    inside = sitk.GetArrayViewFromImage(image) != 0
-    return (inside if inside.any() else np.ones(inside.shape, dtype=bool)), False
-
-
-def _world_box(image: sitk.Image, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LPS lower and upper corners (3,) of the axis-aligned box around the ``inside`` voxels' edges."""
-    indices = np.argwhere(inside)[:, ::-1]
-    bounds = [[lo - 0.5, hi + 0.5] for lo, hi in zip(indices.min(axis=0), indices.max(axis=0), strict=True)]
-    corners = np.array(np.meshgrid(*bounds, indexing="ij")).reshape(3, -1).T
-    world = apply_affine(image_affine(image), corners)
-    return world.min(axis=0), world.max(axis=0)
-
-
-def montage_planes(
-    image: sitk.Image, mask: sitk.Image | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Axial, coronal and sagittal planes through the centre of the mask (or of the image's content).
-
-    The field of view is the box around the mask's voxels (else around the non-zero voxels) plus
-    MONTAGE_MARGIN_MM, within the image; the planes cross at the mask's centroid, or else at the
-    centre of that box. They are resampled (linear) on a grid aligned with the patient's axes, with
-    square pixels of the image's finest spacing (coarser if a side would exceed MAX_PANEL_PIXELS), so
-    any image direction, oblique ones included, gives the same picture and thick slices are not
-    squashed. Returns float64 arrays (rows, cols), row 0 at the top, NaN outside the image, in the
-    radiological convention:
-
-    - axial: anterior up, patient left on the image right;
-    - coronal: superior up, patient left on the image right;
-    - sagittal: superior up, anterior on the image left.
-    """
-    if image.GetDimension() != 3:
-        raise ValueError(f"a montage needs a 3-D image, got {image.GetDimension()}-D")
-    inside, from_mask = _region(image, mask)
-    image_low, image_high = _world_box(image, np.ones(inside.shape, dtype=bool))
-    low, high = _world_box(image, inside)
-    low = np.maximum(low - MONTAGE_MARGIN_MM, image_low)
-    high = np.minimum(high + MONTAGE_MARGIN_MM, image_high)
-    if from_mask:
-        centre = apply_affine(image_affine(image), np.argwhere(inside).mean(axis=0)[::-1])
-    else:
-        centre = (low + high) / 2.0
-    extent = high - low
-    step = max(min(image.GetSpacing()), float(extent.max()) / MAX_PANEL_PIXELS)
-    counts = np.maximum(np.ceil(extent / step - 1e-6).astype(int), 1)
-    first = low + step / 2.0
-    volume = sitk.Cast(image, sitk.sitkFloat64)
-
-    def plane(axis: int) -> np.ndarray:
-        size, origin = counts.copy(), first.copy()
-        size[axis], origin[axis] = 1, centre[axis]
-        resampled = sitk.Resample(
-            volume,
-            [int(n) for n in size],
-            sitk.Transform(),
-            sitk.sitkLinear,
-            [float(v) for v in origin],
-            [step] * 3,
-            np.eye(3).ravel().tolist(),
-            math.nan,
-            sitk.sitkFloat64,
-        )
-        return sitk.GetArrayFromImage(resampled)
-
-    # Grid axes are L (x), P (y), S (z); arrays come back indexed [z, y, x].
-    axial = plane(2)[0]
-    coronal = plane(1)[:, 0, :][::-1]
-    sagittal = plane(0)[:, :, 0][::-1]
-    return axial, coronal, sagittal
-
-
-def _window(image: sitk.Image, mask: sitk.Image | None) -> tuple[float, float]:
-    """1st and 99th percentiles of the image's values in the montage's region (see ``_region``)."""
-    values = np.asarray(sitk.GetArrayViewFromImage(image), dtype=np.float64)[_region(image, mask)[0]]
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    # A strided subsample keeps the percentiles cheap on large volumes.
-    values = values[:: max(1, values.size // 2_000_000)]
-    low, high = np.percentile(values, [1.0, 99.0])
-    return float(low), float(high)
-
-
-def _to_uint8(plane: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = (plane - low) / (high - low) if high > low else np.zeros_like(plane)
-    scaled = np.nan_to_num(np.clip(scaled, 0.0, 1.0), nan=0.0)
-    return np.round(scaled * 255.0).astype(np.uint8)
-
-
-def _title_banner(title: str, width: int) -> np.ndarray:
-    """The title rendered with VTK's FreeType (no display needed) on a black band (rows, width) uint8."""
-    text = vtkTextProperty()
-    text.SetFontSize(_TITLE_FONT_SIZE)
-    text.SetColor(1.0, 1.0, 1.0)
-    rendered = vtkImageData()
-    if not vtkFreeTypeTools.GetInstance().RenderString(text, title, 72, rendered):
-        raise RuntimeError(f"could not render the montage title {title!r}")
-    columns, rows, _ = rendered.GetDimensions()
-    rgba = vtk_to_numpy(rendered.GetPointData().GetScalars()).reshape(rows, columns, -1)
-    glyphs = rgba[::-1, :, -1]  # VTK rows run bottom-up; alpha is the ink
-    used_rows, used_columns = np.nonzero(glyphs.any(axis=1))[0], np.nonzero(glyphs.any(axis=0))[0]
-    margin = 4
-    banner = np.zeros((_TITLE_FONT_SIZE + 2 * margin, width), dtype=np.uint8)
-    if used_rows.size:
-        ink = glyphs[used_rows[0] : used_rows[-1] + 1, used_columns[0] : used_columns[-1] + 1]
-        ink = ink[: banner.shape[0] - 2 * margin, : max(0, width - 2 * margin)]
-        banner[margin : margin + ink.shape[0], margin : margin + ink.shape[1]] = ink
-    return banner
-
-
-def write_montage(
-    image: sitk.Image, path: str | Path, *, mask: sitk.Image | None = None, title: str | None = None
-) -> None:
-    """Write a PNG (uint8) of the ``montage_planes`` side by side: axial, coronal, sagittal.
-
-    Panels are top-aligned, MONTAGE_GAP black columns apart, intensities windowed to the 1st-99th
-    percentile of the image inside the mask (else of its non-zero voxels); a title, if given, is drawn
-    in a band above.
-    """
-    low, high = _window(image, mask)
-    panels = [_to_uint8(plane, low, high) for plane in montage_planes(image, mask)]
-    height = max(panel.shape[0] for panel in panels)
-    width = sum(panel.shape[1] for panel in panels) + MONTAGE_GAP * (len(panels) - 1)
-    canvas = np.zeros((height, width), dtype=np.uint8)
-    column = 0
-    for panel in panels:
-        canvas[: panel.shape[0], column : column + panel.shape[1]] = panel
-        column += panel.shape[1] + MONTAGE_GAP
-    if title:
-        canvas = np.vstack([_title_banner(title, width), canvas])
-    with _atomic(path) as temporary:
-        sitk.WriteImage(sitk.GetImageFromArray(canvas), str(temporary))

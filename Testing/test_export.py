@@ -13,7 +13,7 @@ from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkFiltersCore import vtkPolyDataConnectivityFilter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
-from GaussianSVRLib import export
+from GaussianSVRLib import export, montage
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.geometry import apply_affine, image_affine
 
@@ -115,7 +115,7 @@ WRITERS = {
     "json": (lambda path: export.write_json({"a": 1}, path), "out.json"),
     "npz": (lambda path: export.save_gaussians(path, *gaussians()), "out.npz"),
     "vtp": (lambda path: export.write_ellipsoids(path, *gaussians()), "out.vtp"),
-    "png": (lambda path: export.write_montage(make_image(), path), "out.png"),
+    "png": (lambda path: montage.write_montage(make_image(), path), "out.png"),
 }
 
 
@@ -307,8 +307,8 @@ def png_panels(png: np.ndarray, planes) -> list[np.ndarray]:
     panels, column = [], 0
     for plane in planes:
         panels.append(png[: plane.shape[0], column : column + plane.shape[1]])
-        column += plane.shape[1] + export.MONTAGE_GAP
-    assert column - export.MONTAGE_GAP == png.shape[1]
+        column += plane.shape[1] + montage.MONTAGE_GAP
+    assert column - montage.MONTAGE_GAP == png.shape[1]
     return panels
 
 
@@ -329,10 +329,10 @@ def left_anterior_superior(world: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("direction", [np.eye(3), PERMUTED, OBLIQUE], ids=["identity", "permuted", "oblique"])
 def test_montage_orientation_follows_the_patient(tmp_path, direction):
     image = phantom(left_anterior_superior, (36, 32, 12), (1.2, 1.2, 3.5), direction)
-    export.write_montage(image, tmp_path / "m.png")
+    montage.write_montage(image, tmp_path / "m.png")
     assert listing(tmp_path) == ["m.png"]
     png = read_png(tmp_path / "m.png")
-    axial, coronal, sagittal = png_panels(png, export.montage_planes(image))
+    axial, coronal, sagittal = png_panels(png, montage.montage_planes(image))
     assert bright_side(axial) == ("top", "right")  # anterior up, patient left on the right
     assert bright_side(coronal) == ("top", "right")  # superior up, patient left on the right
     assert bright_side(sagittal) == ("top", "left")  # superior up, anterior on the left
@@ -340,18 +340,18 @@ def test_montage_orientation_follows_the_patient(tmp_path, direction):
 
 def test_montage_pixels_are_square_for_thick_slices(tmp_path):
     image = phantom(left_anterior_superior, (40, 40, 10), (1.0, 1.0, 4.0), np.eye(3))
-    axial, coronal, sagittal = export.montage_planes(image)
+    axial, coronal, sagittal = montage.montage_planes(image)
     assert axial.shape == (40, 40) and coronal.shape == (40, 40) and sagittal.shape == (40, 40)
-    export.write_montage(image, tmp_path / "m.png")
-    assert read_png(tmp_path / "m.png").shape == (40, 3 * 40 + 2 * export.MONTAGE_GAP)
+    montage.write_montage(image, tmp_path / "m.png")
+    assert read_png(tmp_path / "m.png").shape == (40, 3 * 40 + 2 * montage.MONTAGE_GAP)
 
 
 def test_montage_is_capped_in_size():
     image = phantom(left_anterior_superior, (20, 20, 20), (40.0, 40.0, 40.0), np.eye(3))
     image.SetSpacing((0.5, 0.5, 0.5))  # 10 mm field of view with 0.5 mm pixels: 20 x 20
-    assert export.montage_planes(image)[0].shape == (20, 20)
+    assert montage.montage_planes(image)[0].shape == (20, 20)
     big = sitk.Image([2000, 10, 10], sitk.sitkUInt8)
-    assert max(export.montage_planes(big)[0].shape) == export.MAX_PANEL_PIXELS
+    assert max(montage.montage_planes(big)[0].shape) == montage.MAX_PANEL_PIXELS
 
 
 def test_montage_passes_through_the_mask_centre(tmp_path):
@@ -361,12 +361,12 @@ def test_montage_passes_through_the_mask_centre(tmp_path):
     image = phantom(blob, (60, 60, 60), (1.0, 1.0, 1.0), np.eye(3))
     mask = phantom(blob, (20, 20, 20), (2.0, 2.0, 2.0), PERMUTED, background=0, bright=1)  # another grid
     mask = sitk.Cast(mask, sitk.sitkUInt8)
-    assert all(np.nanmax(plane) < 1000.0 for plane in export.montage_planes(image))
-    with_mask = export.montage_planes(image, mask)
+    assert all(np.nanmax(plane) < 1000.0 for plane in montage.montage_planes(image))
+    with_mask = montage.montage_planes(image, mask)
     assert all(np.nanmax(plane) > 500.0 for plane in with_mask)
     # Cropped to the mask (8 mm across) plus the margin on both sides, give or take the mask's voxels.
     assert all(26 <= side <= 32 for plane in with_mask for side in plane.shape)
-    export.write_montage(image, tmp_path / "m.png", mask=mask)
+    montage.write_montage(image, tmp_path / "m.png", mask=mask)
     for panel in png_panels(read_png(tmp_path / "m.png"), with_mask):
         assert panel.max() == 255
 
@@ -375,8 +375,8 @@ def test_montage_window_is_1st_to_99th_percentile(tmp_path):
     ramp = np.broadcast_to(np.arange(101, dtype=np.float32), (9, 9, 101)).copy()  # along x, 0..100
     ramp[4, 4, 50] = 1e6  # one outlier must not wash out the picture
     image = sitk.GetImageFromArray(ramp)
-    export.write_montage(image, tmp_path / "m.png")
-    axial = png_panels(read_png(tmp_path / "m.png"), export.montage_planes(image))[0]
+    montage.write_montage(image, tmp_path / "m.png")
+    axial = png_panels(read_png(tmp_path / "m.png"), montage.montage_planes(image))[0]
     row = axial[0].astype(float)
     assert row[0] == 0 and row[-1] == 255
     assert np.all(np.diff(row) >= 0)
@@ -388,8 +388,8 @@ def test_montage_window_ignores_zero_padding(tmp_path):
     volume = np.zeros((40, 40, 40), dtype=np.float32)
     volume[17:23, 17:23, 17:23] = np.linspace(100.0, 200.0, 6, dtype=np.float32)
     image = sitk.GetImageFromArray(volume)
-    export.write_montage(image, tmp_path / "m.png")
-    axial = png_panels(read_png(tmp_path / "m.png"), export.montage_planes(image))[0]
+    montage.write_montage(image, tmp_path / "m.png")
+    axial = png_panels(read_png(tmp_path / "m.png"), montage.montage_planes(image))[0]
     # The view is cropped to the non-zero voxels plus the margin: 6 + 2 * 10 pixels.
     assert axial.shape == (26, 26)
     row = axial[13, 10:16].astype(float)
@@ -398,8 +398,8 @@ def test_montage_window_ignores_zero_padding(tmp_path):
 
 def test_montage_title_is_drawn_above(tmp_path):
     image = phantom(left_anterior_superior, (30, 30, 10), (1.0, 1.0, 3.0), np.eye(3))
-    export.write_montage(image, tmp_path / "plain.png")
-    export.write_montage(image, tmp_path / "titled.png", title="GaussianSVR iteration 100")
+    montage.write_montage(image, tmp_path / "plain.png")
+    montage.write_montage(image, tmp_path / "titled.png", title="GaussianSVR iteration 100")
     plain, titled = read_png(tmp_path / "plain.png"), read_png(tmp_path / "titled.png")
     banner = titled.shape[0] - plain.shape[0]
     assert titled.shape[1] == plain.shape[1] and 10 <= banner <= 40
@@ -410,8 +410,8 @@ def test_montage_title_is_drawn_above(tmp_path):
 
 def test_montage_title_is_upright(tmp_path):
     image = phantom(left_anterior_superior, (30, 30, 10), (1.0, 1.0, 3.0), np.eye(3))
-    export.write_montage(image, tmp_path / "plain.png")
-    export.write_montage(image, tmp_path / "titled.png", title="T")
+    montage.write_montage(image, tmp_path / "plain.png")
+    montage.write_montage(image, tmp_path / "titled.png", title="T")
     banner = read_png(tmp_path / "titled.png")[: -read_png(tmp_path / "plain.png").shape[0]]
     ink_per_row = (banner > 128).sum(axis=1)
     inked = np.nonzero(ink_per_row)[0]

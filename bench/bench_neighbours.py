@@ -300,9 +300,9 @@ def main() -> None:
     memory = {}
     if args.memory:
         for backend in ("kdtree", "grid"):
-            memory[backend] = peak_memory(100_000, 4, 50, backend)
+            memory[backend] = peak_memory(100_000, 13, 50, backend)
             print(
-                f"peak extra RSS, {backend}, N = 100k, Q = 0.6M, K = 50: {memory[backend]:.0f} MB", flush=True
+                f"peak extra RSS, {backend}, N = 100k, Q = 2M, K = 50: {memory[backend]:.0f} MB", flush=True
             )
     load_after = os.getloadavg()
     total = time.perf_counter() - started
@@ -344,8 +344,8 @@ def report(rows, approx, memory, load_before, load_after, total: float, repeats:
     ]
     if memory:
         lines += [
-            "Peak extra RSS of one call (N = 100k, Q = 0.6M, K = 50, fresh process; the (Q, K) int64",
-            "result alone is 240 MB): " + ", ".join(f"{b} {mb:.0f} MB" for b, mb in memory.items()) + ".",
+            "Peak extra RSS of one call (N = 100k, Q = 2M, K = 50, fresh process; the (Q, K) int64",
+            "result alone is 790 MB): " + ", ".join(f"{b} {mb:.0f} MB" for b, mb in memory.items()) + ".",
             "",
         ]
     lines += [CONCLUSION, ""]

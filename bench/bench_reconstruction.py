@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from GaussianSVRLib import simulate  # noqa: E402
-from GaussianSVRLib.export import write_json, write_montage  # noqa: E402
+from GaussianSVRLib.export import write_json  # noqa: E402
 from GaussianSVRLib.metrics import evaluate, motion_errors  # noqa: E402
+from GaussianSVRLib.montage import write_montage  # noqa: E402
 from GaussianSVRLib.reconstruct import Outputs, reconstruct  # noqa: E402
 from GaussianSVRLib.settings import preset  # noqa: E402
 
