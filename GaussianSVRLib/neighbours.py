@@ -265,7 +265,7 @@ class _Grid:
         query_order = torch.argsort(query_rank)
         sorted_totals = totals[cell_order].cpu().numpy()
         query_ends = torch.cumsum(torch.bincount(query_rank, minlength=len(cells)), 0).cpu().numpy()
-        best_dist = queries.new_empty((len(queries), k))
+        kth = queries.new_empty(len(queries))
         indices = torch.empty((len(queries), k), dtype=torch.int64, device=queries.device)
         for first, last in _cell_chunks(query_ends, sorted_totals, max(k, 1), _GRID_CHUNK_SLOTS):
             cells_here = cell_order[first:last]
@@ -275,9 +275,9 @@ class _Grid:
             centres = self.origin + (cell_coords[cells_here] + 0.5) * self.cell
             runs = run_starts[cells_here], run_lengths[cells_here]
             dist, positions = self._chunk(queries[rows] - centres[local], local, centres, *runs, k)
-            best_dist[rows] = dist
+            kth[rows] = dist.max(1).values
             indices[rows] = self.order.take(positions)
-        exact = best_dist.max(1).values <= self.margins(queries, coords, ring).square() * (1 - 1e-5)
+        exact = kth <= self.margins(queries, coords, ring).square() * (1 - 1e-5)
         return indices, exact
 
     def _chunk(

@@ -55,7 +55,7 @@ def cloud() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("k", [1, 16, 50])
+@pytest.mark.parametrize("k", [1, 50])
 def test_backends_match_brute_force(cloud, backend: str, k: int) -> None:
     database, queries = cloud
     assert_exact(database, queries, knn(database, queries, k, backend), k)
@@ -82,7 +82,7 @@ def test_awkward_databases(backend: str) -> None:
     flat = torch.cat([torch.rand(400, 2, generator=g) * 80.0, torch.zeros(400, 1)], 1)
     duplicates = torch.cat([torch.zeros(30, 3), torch.rand(30, 3, generator=g)])
     two_clusters = torch.cat([torch.randn(200, 3, generator=g), 500.0 + torch.randn(10, 3, generator=g)])
-    queries = torch.rand(200, 3, generator=g) * 100.0 - 10.0
+    queries = torch.rand(100, 3, generator=g) * 100.0 - 10.0
     for database, k in ((flat, 12), (duplicates, 40), (two_clusters, 25), (two_clusters[:25], 25)):
         assert_exact(database, queries, knn(database, queries, k, backend), k)
 

@@ -379,9 +379,14 @@ class Bench:
                 "volume": str(folder / "volume.nii.gz"),
                 "report": str(folder / "report.json"),
             }
-            run = {"seed": seed, **run_child(spec, folder)}
-            if run["returncode"] == 0:
-                self.evaluate_run(name, label, run, spec)
+            saved = folder / "result.json"
+            if self.args.resume and saved.exists() and json.loads(saved.read_text()).get("spec") == spec:
+                run = json.loads(saved.read_text())["run"]
+            else:
+                run = {"seed": seed, **run_child(spec, folder)}
+                if run["returncode"] == 0:
+                    self.evaluate_run(name, label, run, spec)
+                write_json({"spec": spec, "run": run}, saved)
             runs.append(run)
             print(f"[{name}] {label} seed {seed}: {run_line(run)}", flush=True)
         record["variants"][label] = {"overrides": overrides, "runs": runs, "median": median_summary(runs)}
@@ -654,6 +659,11 @@ def main() -> None:
         help=f"comma-separated, of: {', '.join(ABLATIONS)}; or none",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse runs whose result.json matches their settings (a long benchmark can be resumed)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_ITERATIONS} iterations per run"
     )
