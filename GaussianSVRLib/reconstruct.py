@@ -177,7 +177,9 @@ def initial_models(
         means, cov6, det, intensities = field_.packed()
         neighbours = knn(means, means, min(settings.k_neighbours, field_.n), settings.neighbour_backend)
         mixture = forward.evaluate(means, neighbours, means, cov6, det, intensities, None, "none")
-        field_.intensities.mul_(initial_intensity_gain(values, mixture))
+        if settings.psf_mode != "normalized":
+            # A normalized field predicts the weighted mean of its intensities: no overlap to undo.
+            field_.intensities.mul_(initial_intensity_gain(values, mixture))
     return field_, motion
 
 
@@ -237,6 +239,7 @@ def volume_image(
         shape,
         settings.k_neighbours,
         settings.neighbour_backend,
+        normalized=settings.psf_mode == "normalized",
     )
     return set_image_geometry(sitk.GetImageFromArray(np.clip(array, 0, None)), affine)
 

@@ -65,11 +65,13 @@ def render(
     shape: tuple[int, int, int],
     k: int,
     backend: str = "auto",
+    normalized: bool = False,
 ) -> np.ndarray:
     """The Gaussian mixture (no PSF) sampled on a grid: float32 array shaped (nk, nj, ni).
 
     means (N, 3), covariances (N, 3, 3), intensities (N,) in LPS mm; affine maps voxel (i, j, k)
-    to LPS.
+    to LPS. normalized: the volume of a field fitted with the normalized forward model (the
+    weighted mean of the neighbours' intensities), which must be rendered the same way.
     """
     device = means.device
     cov6 = to_sym6(covariances)
@@ -93,6 +95,7 @@ def render(
             index[..., 2] = ks[:, None]
             points = index.reshape(-1, 3) @ linear.T + offset
             neighbours = knn(means, points, k, backend)
-            values = forward.evaluate(points, neighbours, means, cov6, det, intensities, None, "none")
+            mode = "normalized" if normalized else "none"
+            values = forward.evaluate(points, neighbours, means, cov6, det, intensities, None, mode)
             out[k0 : k0 + len(ks)] = values.reshape(len(ks), nj, ni).cpu().numpy()
     return out

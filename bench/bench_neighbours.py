@@ -6,11 +6,12 @@ pixels of stacks of thick slices (0.8 mm pixels, slices 3 mm apart) cycling thro
 and sagittal orientations with a few degrees of motion, clipped to the ellipsoid; about 150k
 pixels per stack, so 4 stacks ~ 0.6 M queries and 13 stacks ~ 2 M.
 
-Times are build + query (wall clock), median of ``--repeats`` runs, all backends of a configuration
-measured back to back in one process so their ratios are comparable. Brute-force backends
-(torch, faiss flat) are timed on a query subset and scaled linearly to Q (their cost is exactly
-linear in Q); those cells are marked with ``~``. Peak memory is the max RSS of a fresh subprocess
-running one backend on one configuration (``--memory``).
+Times are build + query, wall clock and CPU seconds, median of ``--repeats`` runs; the backends of
+a configuration alternate within each run in one process so their ratios see the same load.
+Brute-force backends (torch, faiss flat) are timed on a query subset and scaled linearly to Q
+(their cost is exactly linear in Q); those cells are marked with ``~``. Peak memory (``--memory``)
+is VmHWM minus the RSS before the call, in a fresh subprocess running one backend once.
+Takes ~12 min on 2 shared cores (``--quick``: ~3 min).
 
 Usage: python bench/bench_neighbours.py [--quick] [--memory] [--write docs/benchmarks_neighbours.md]
 """
@@ -328,9 +329,9 @@ def report(rows, approx, memory, load_before, load_after, total: float, repeats:
         "",
         f"Cells: build + query wall seconds (CPU seconds of both cores in brackets), median of {repeats}",
         "runs (the Q = 2M row: one run); the backends of a row alternate within each run, in one process.",
-        "`~`: brute force",
-        "timed on the first 1000 queries and scaled to Q (its cost is linear in Q). Inexact rows: rows",
-        "whose neighbour set differs from kdtree's beyond ties (distances within 1e-4 relative).",
+        "Wall close to CPU means another process held the second core. `~`: brute force timed on the",
+        "first 1000 queries and scaled to Q (its cost is linear in Q). Inexact rows: rows whose neighbour",
+        "set differs from kdtree's beyond ties (distances within 1e-4 relative).",
         "",
         EXACT_HEADER,
         *(format_exact_row(row) for row in rows),
@@ -356,13 +357,12 @@ CONCLUSION = """\
 Conclusion -- what `backend="auto"` (`choose_backend`) picks:
 
 - **CPU: kdtree.** cKDTree (all cores) is the fastest exact backend in every configuration above;
-  its cost grows with Q and K and barely with N. The torch grid is exact too but spends most of its
-  time in `topk` over the ~6 k candidates of each query's block and in gathering them, which
-  torch's CPU kernels do several times slower per element than cKDTree's compiled traversal.
-  Brute force (faiss `IndexFlatL2`, torch) costs Q x N and is two orders of magnitude slower at
-  these sizes. Approximate faiss indexes do not beat the exact KD-tree on 3-D points either (IVF
-  is slower at recall < 1; HNSW's build alone costs more than the KD-tree's whole search), so none
-  is kept.
+  its cost grows with Q and K and barely with N. The torch grid is exact too but 1.3-3.3x slower:
+  it spends most of its time in `topk` over the ~6 K candidates of each query's block and in
+  gathering them, which torch's CPU kernels do several times slower per element than cKDTree's
+  compiled traversal. Brute force (faiss `IndexFlatL2`, torch) costs Q x N and is 15-160x slower
+  at these sizes. Approximate faiss indexes do not beat the exact KD-tree on 3-D points either
+  (IVF 1.8-2x slower at recall 0.9994-1.0, HNSW 5x slower, mostly its build), so none is kept.
 - **CUDA: faiss** (`GpuIndexFlatL2`) when the installed faiss has GPU support, else **torch**
   brute force on the GPU, as specified. Not measured here (no GPU). The grid backend runs on any
   torch device and does ~Q x 6 K work instead of Q x N; it is the candidate to measure first on a
