@@ -46,6 +46,23 @@ def set_image_geometry(image: sitk.Image, affine: np.ndarray) -> sitk.Image:
     return image
 
 
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether two images share their voxel grid (size, spacing, origin, direction), to within rounding."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+    )
+
+
+def on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """The image on the reference's grid: itself when the grids match, else nearest-neighbour (0 outside)."""
+    if same_grid(image, reference):
+        return image
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
 def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply an affine (4, 4) to points (..., 3)."""
     return points @ affine[:3, :3].T + affine[:3, 3]

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import kabsch, rotvec_to_matrix_np
+from .geometry import kabsch, on_grid, rotvec_to_matrix_np
 from .stacks import read_image
 
 #: SSIM Gaussian window (voxels) and truncation, as in Wang et al. 2004 (11-tap window at sigma 1.5).
@@ -41,16 +41,7 @@ def _as_float(image: sitk.Image) -> sitk.Image:
 
 def _mask_on(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """The mask as uint8 on the reference's grid (nearest neighbour when the grids differ)."""
-    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    same = (
-        binary.GetSize() == reference.GetSize()
-        and np.allclose(binary.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-        and np.allclose(binary.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(binary.GetDirection(), reference.GetDirection(), atol=1e-4)
-    )
-    if not same:
-        binary = sitk.Resample(binary, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return binary
+    return on_grid(sitk.Cast(mask > 0, sitk.sitkUInt8), reference)
 
 
 def _centroid(image: sitk.Image, mask: np.ndarray | None) -> np.ndarray:

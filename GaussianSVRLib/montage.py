@@ -18,7 +18,7 @@ from vtkmodules.vtkRenderingCore import vtkTextProperty
 from vtkmodules.vtkRenderingFreeType import vtkFreeTypeTools
 
 from .export import atomic_path
-from .geometry import apply_affine, image_affine
+from .geometry import apply_affine, image_affine, on_grid
 
 #: Largest side of a montage panel in pixels.
 MAX_PANEL_PIXELS = 512
@@ -31,15 +31,7 @@ _TITLE_FONT_SIZE = 14
 
 def _resample_onto(image: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """Nearest-neighbour values (k, j, i) of ``image`` on the grid of ``reference`` (0 outside)."""
-    same_grid = (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
-    )
-    if not same_grid:
-        image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(image)
+    return sitk.GetArrayFromImage(on_grid(image, reference))
 
 
 def _region(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarray, bool]:

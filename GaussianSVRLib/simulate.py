@@ -35,6 +35,7 @@ from .geometry import (
     apply_affine,
     image_affine,
     matrix_to_rotvec,
+    on_grid,
     rotvec_to_matrix_np,
     set_image_geometry,
 )
@@ -77,20 +78,10 @@ def _random_unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
-    )
-
-
 def _mask_array(mask: sitk.Image, volume: sitk.Image) -> np.ndarray:
     """The mask on the volume's grid as bool [k, j, i] (nearest neighbour if it is on another grid)."""
     binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    if not _same_grid(binary, volume):
-        binary = sitk.Resample(binary, volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    binary = on_grid(binary, volume)
     array = sitk.GetArrayFromImage(binary) > 0
     if not array.any():
         raise InputError(None, "the brain mask is empty on the volume's grid")

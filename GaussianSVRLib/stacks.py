@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import apply_affine, image_affine
+from .geometry import apply_affine, image_affine, same_grid
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,7 @@ def read_mask(path: str | Path, stack_image: sitk.Image) -> np.ndarray:
     array = sitk.GetArrayFromImage(mask_image)
     if not np.all(np.isfinite(array)):
         raise InputError(path, "mask has NaN or Inf voxels")
-    same_grid = (
-        mask_image.GetSize() == stack_image.GetSize()
-        and np.allclose(mask_image.GetSpacing(), stack_image.GetSpacing(), atol=1e-4)
-        and np.allclose(mask_image.GetOrigin(), stack_image.GetOrigin(), atol=1e-3)
-        and np.allclose(mask_image.GetDirection(), stack_image.GetDirection(), atol=1e-4)
-    )
-    if not same_grid:
+    if not same_grid(mask_image, stack_image):
         log.info("%s: mask is on another grid than its stack; resampled (nearest neighbour)", path)
         binary = sitk.Cast(mask_image > 0, sitk.sitkUInt8)
         resampled = sitk.Resample(binary, stack_image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
