@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,6 +47,8 @@ MIN_GAUSSIANS = 500
 MAX_GAUSSIANS = 200_000
 
 Events = Callable[..., None]
+#: A rigid map (R (3, 3), b (3,)) from the anatomy frame to the output frame (see gauge).
+Frame = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -105,9 +106,9 @@ def check_outputs(outputs: Outputs) -> None:
             raise InputError(path, "output folder is not writable")
     if outputs.preview_dir is not None:
         preview = Path(outputs.preview_dir)
-        if preview.exists() and not (preview.is_dir() and os.access(preview, os.W_OK)):
+        if preview.exists() and not (preview.is_dir() and writable(preview)):
             raise InputError(preview, "preview folder is not a writable folder")
-        if not preview.exists() and not os.access(preview.resolve().parent, os.W_OK):
+        if not preview.exists() and not writable(preview.resolve().parent):
             raise InputError(preview, "preview folder cannot be created")
 
 
@@ -183,7 +184,7 @@ def initial_models(
     return field_, motion
 
 
-def gauge(problem: Problem, motion: SliceMotion) -> tuple[torch.Tensor, torch.Tensor]:
+def gauge(problem: Problem, motion: SliceMotion) -> Frame:
     """The rigid map (R (3, 3), b (3,)) that takes the anatomy frame back onto the reference stack.
 
     The global frame of a reconstruction is arbitrary (volume and all slices can move together);
@@ -207,9 +208,11 @@ def gauge(problem: Problem, motion: SliceMotion) -> tuple[torch.Tensor, torch.Te
     )
 
 
-def world_gaussians(problem: Problem, field_: GaussianField, motion: SliceMotion) -> dict[str, torch.Tensor]:
+def world_gaussians(
+    problem: Problem, field_: GaussianField, motion: SliceMotion, frame: Frame
+) -> dict[str, torch.Tensor]:
     """The Gaussians in the output frame and in input intensity units."""
-    rotation, offset = gauge(problem, motion)
+    rotation, offset = frame
     state = transform_state(field_.state(), rotation, offset)
     reference_scale = motion.intensity_scale().detach()[
         torch.as_tensor(problem.slices.slice_stack == problem.reference)
@@ -218,9 +221,9 @@ def world_gaussians(problem: Problem, field_: GaussianField, motion: SliceMotion
     return state
 
 
-def world_motion(problem: Problem, motion: SliceMotion) -> tuple[np.ndarray, np.ndarray]:
+def world_motion(motion: SliceMotion, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
     """Slice rotation vectors (M, 3) and translations (M, 3) in the output frame."""
-    rotation, offset = gauge(problem, motion)
+    rotation, offset = frame
     with torch.no_grad():
         rotations, translation = compose_rigid(
             rotation, offset, motion.rotations(), motion.translation, motion.centres
@@ -315,7 +318,7 @@ def reconstruct(
             return
         folder = Path(outputs.preview_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        state = world_gaussians(problem, field_, motion)
+        state = world_gaussians(problem, field_, motion, gauge(problem, motion))
         affine, shape = preview_grid(problem, settings)
         paths = {
             "volume": str(folder / "preview.nii.gz"),
@@ -355,10 +358,11 @@ def reconstruct(
         checkpoint(-1, force=True)
 
     mark = time.monotonic()
-    state = world_gaussians(problem, field_, motion)
+    frame = gauge(problem, motion)
+    state = world_gaussians(problem, field_, motion, frame)
     image = None if cancelled else volume_image(state, problem.grid_affine, problem.grid_shape, settings)
     timings["render_s"] = time.monotonic() - mark
-    rotvec, translation = world_motion(problem, motion)
+    rotvec, translation = world_motion(motion, frame)
     scale = motion.intensity_scale().detach().cpu().numpy()
     timings["total_s"] = time.monotonic() - started
     report = build_report(
