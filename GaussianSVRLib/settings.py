@@ -11,6 +11,10 @@ class Settings:
 
     n_gaussians = 0 means automatic: gaussians_per_ml times the brain volume of the reference
     stack's mask (about 6,000 for a 28-week brain).
+
+    mask_dilation_mm: every mask is dilated by this margin (masks that cut a little brain).
+    bias_correction: "none" or "n4" (SimpleITK N4 on each stack before anything else).
+    init_gaussians: an .npz of an earlier run (--output-gaussians) to continue from (warm start).
     """
 
     n_gaussians: int = 0
@@ -42,6 +46,9 @@ class Settings:
     checkpoint_interval_s: float = 15.0
     reference_stack: int | None = None
     prealign: bool = True
+    mask_dilation_mm: float = 0.0
+    bias_correction: str = "none"
+    init_gaussians: str | None = None
 
     def updated(self, **changes: object) -> Settings:
         """A copy with the given fields changed; unknown names raise TypeError."""
