@@ -528,13 +528,21 @@ class GaussianSVRTest(ScriptedLoadableModuleTest):
         self.test_cancel()
 
     def _request(self, iterations):
-        """Three orthogonal 16 x 16 x 10 stacks of the phantom; tiny CPU settings."""
+        """Three orthogonal 16 x 16 x 10 stacks of the phantom, a mask on the first; tiny CPU settings."""
         stacks = []
         phantomStacks = phantom.orthogonal_stacks(fov_mm=40.0, in_plane_mm=2.5, slice_mm=4.0)
         for index, (voxels, ijkToRAS) in enumerate(phantomStacks):
             name = f"phantom stack {index + 1}"
             node = slicer.util.addVolumeFromArray(voxels, ijkToRAS=ijkToRAS, name=name)
-            stacks.append(StackInput(node, None, float(node.GetSpacing()[2])))
+            mask = None
+            if index == 0:
+                mask = slicer.util.addVolumeFromArray(
+                    phantom.head_mask(voxels),
+                    ijkToRAS=ijkToRAS,
+                    name=f"{name} mask",
+                    nodeClassName="vtkMRMLLabelMapVolumeNode",
+                )
+            stacks.append(StackInput(node, mask, float(node.GetSpacing()[2])))
         settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
         settings.update(
             preset=params.Preset.PREVIEW,

@@ -34,6 +34,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -51,7 +58,12 @@ def non_negative_int(text: str) -> int:
 def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="reconstruct a volume from stacks of slices")
     p.add_argument("--input-stacks", nargs="+", required=True, metavar="S", help="stacks (NIfTI/NRRD)")
-    p.add_argument("--stack-masks", nargs="+", metavar="M", help="one brain mask per stack")
+    p.add_argument(
+        "--stack-masks",
+        nargs="+",
+        metavar="M",
+        help="one brain mask per stack, 'none' for a stack without (the given masks are propagated to it)",
+    )
     p.add_argument(
         "--thicknesses",
         nargs="+",
@@ -69,7 +81,17 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-gaussians", metavar="G", help="Gaussians: writes G.npz and G.vtp (ellipsoids)")
     p.add_argument("--output-json", metavar="J", help="JSON report: settings, timings, per-slice QC")
+    p.add_argument(
+        "--output-qc", metavar="PNG", help="quality-control image: slice weights and the rejected slices"
+    )
     p.add_argument("--preview-dir", metavar="D", help="folder for live previews (checkpoints)")
+    p.add_argument(
+        "--init-gaussians",
+        metavar="G",
+        default=None,
+        help="continue from an earlier run's Gaussians and slice transforms: its --output-gaussians "
+        "G.npz or a preview_gaussians.npz (the file's Gaussian count replaces --n-gaussians)",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard", help="settings preset")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -86,7 +108,21 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psf", dest="psf_mode", choices=("exact", "normalized", "none"), default=None)
     p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false", default=None)
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None)
+    p.add_argument(
+        "--bias-correction",
+        choices=("none", "n4"),
+        default=None,
+        help="n4 (default): SimpleITK N4 bias field correction of each stack inside its mask; none: off",
+    )
     p.add_argument("--reference-stack", type=int, default=None, help="index of the reference stack (0-based)")
+    p.add_argument(
+        "--mask-dilation",
+        dest="mask_dilation_mm",
+        type=non_negative_float,
+        default=None,
+        metavar="MM",
+        help="grow every mask by this margin (mm), for masks that cut a little brain (default 0)",
+    )
     p.add_argument(
         "--checkpoint-interval",
         dest="checkpoint_interval_s",
@@ -116,8 +152,16 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rotation", type=float, default=5.0, help="degrees")
     p.add_argument("--max-translation", type=float, default=3.0, help="mm")
     p.add_argument("--noise", type=float, default=0.02)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="fraction of slices with signal drop-out")
     p.add_argument("--oblique", action="store_true")
+    p.add_argument("--stack-misalignment-deg", type=float, default=0.0, help="rotation of each stack")
+    p.add_argument("--stack-misalignment-mm", type=float, default=0.0, help="translation of each stack")
+    p.add_argument("--replaced", type=float, default=0.0, help="fraction of slices showing other anatomy")
+    p.add_argument("--blurred", type=float, default=0.0, help="fraction of slices with in-plane motion blur")
+    p.add_argument(
+        "--stack-intensity-scale", type=float, default=1.0, help="intensity factor of the last stack"
+    )
+    p.add_argument("--bias-field", type=float, default=0.0, help="amplitude of a bias field per stack")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_simulate)
 
@@ -183,6 +227,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "reference_stack",
             "checkpoint_interval_s",
             "output_resolution",
+            "init_gaussians",
+            "bias_correction",
+            "mask_dilation_mm",
         )
         if getattr(args, name, None) is not None
     }
@@ -251,7 +298,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     bar = BarEvents() if args.progress == "bar" else None
     events = emitter or bar
     stop = StopSignal(args.stop_file, watch_stdin=args.progress == "json")
-    outputs = Outputs(args.output_volume, args.output_gaussians, args.output_json, args.preview_dir)
+    outputs = Outputs(
+        args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, qc=args.output_qc
+    )
     try:
         result = reconstruct(
             args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs, events, stop
@@ -277,8 +326,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    import SimpleITK as sitk
-
     from .simulate import simulate_stacks
     from .stacks import read_image
 
@@ -295,9 +342,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         noise=args.noise,
         dropout=args.dropout,
         oblique=args.oblique,
+        stack_misalignment_deg=args.stack_misalignment_deg,
+        stack_misalignment_mm=args.stack_misalignment_mm,
+        replaced=args.replaced,
+        blurred=args.blurred,
+        stack_intensity_scale=args.stack_intensity_scale,
+        bias_field=args.bias_field,
         seed=args.seed,
     )
-    del sitk
     for path in result.stack_paths:
         print(f"stack: {path}")
     print(f"transforms: {result.transforms_path}")

@@ -25,9 +25,14 @@ REAL_STACKS = ("sub-01_run-1_T2w", "sub-01_run-2_T2w", "sub-01_run-3_T2w", "sub-
 def reconstruct_case(
     name: str, stacks: list[str], masks: list[str], out: Path, preset_name: str, device: str
 ):
-    """Reconstruct one case into out/: volume, Gaussians (.npz, .vtp), report and montage."""
+    """Reconstruct one case into out/: volume, Gaussians (.npz, .vtp), report, QC picture and montage."""
     out.mkdir(parents=True, exist_ok=True)
-    outputs = Outputs(str(out / "volume.nii.gz"), str(out / "gaussians.vtp"), str(out / "report.json"))
+    outputs = Outputs(
+        volume=str(out / "volume.nii.gz"),
+        gaussians=str(out / "gaussians.vtp"),
+        report=str(out / "report.json"),
+        qc=str(out / "qc.png"),
+    )
     print(f"[{name}] reconstructing {len(stacks)} stacks ...", flush=True)
     result = reconstruct(stacks, masks, None, preset(preset_name).updated(device=device), outputs)
     write_montage(result.volume, out / "montage.png", title=f"GaussianSVR: {name}")
@@ -67,7 +72,8 @@ def run(output_dir: str, data_dir: str | None, preset_name: str, device: str) ->
 
     print("\nOutputs:")
     for folder in (simulated, real):
-        for name in ("volume.nii.gz", "gaussians.vtp", "gaussians.npz", "report.json", "montage.png"):
+        names = ("volume.nii.gz", "gaussians.vtp", "gaussians.npz", "report.json", "qc.png", "montage.png")
+        for name in names:
             print(f"  {folder / name}")
     print(f"  {simulated / 'metrics.json'}")
     print(json.dumps({k: round(v["psnr"], 2) for k, v in metrics.items()}))

@@ -15,8 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def reference_index(stacks: list[Stack]) -> int:
-    """The stack with the most masked voxels in world volume: the anatomy frame is its frame."""
-    volumes = [stack.mask.sum() * float(np.prod(stack.spacing)) for stack in stacks]
+    """The stack with the most masked voxels in world volume, among those whose mask was given (not
+    propagated) if any: the anatomy frame is its frame."""
+    given = any(stack.mask_path is not None for stack in stacks)
+    volumes = [
+        stack.mask.sum() * float(np.prod(stack.spacing)) if stack.mask_path is not None or not given else -1.0
+        for stack in stacks
+    ]
     return int(np.argmax(volumes))
 
 
@@ -33,13 +38,26 @@ def mask_image(stack: Stack) -> sitk.Image:
 def register_rigid(fixed: Stack, moving: Stack, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rigid map x = A p + b from the moving stack's nominal world to the fixed stack's world.
 
-    Correlation on the masked stacks, centred on the masks' intensity moments, coarse to fine.
+    Correlation on the masked stacks, centred on the masks' intensity moments (or from the headers
+    for a moving stack without a mask), coarse to fine.
     SimpleITK's transform maps fixed points to moving points, so the result is its inverse.
     """
     fixed_image, moving_image = masked_image(fixed), masked_image(moving)
-    initial = sitk.CenteredTransformInitializer(
-        fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-    )
+    if moving.mask.all():
+        # Without a mask the moments of the whole field of view say nothing about the brain; stacks
+        # of one session share the scanner frame, so start from their headers.
+        initial = sitk.Euler3DTransform()
+        centre = np.argwhere(fixed.mask).mean(axis=0)[::-1]
+        initial.SetCenter(
+            fixed_image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre))
+        )
+    else:
+        initial = sitk.CenteredTransformInitializer(
+            fixed_image,
+            moving_image,
+            sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsCorrelation()
     method.SetMetricSamplingStrategy(method.RANDOM)

@@ -26,6 +26,11 @@ SCALE_OUTLIER_FACTOR = 2.0
 #: The spread of residuals is taken as at least this fraction of their median: when every slice fits
 #: to the noise level the MAD is tiny and would flag slices that are only slightly worse.
 MIN_RELATIVE_SPREAD = 0.1
+#: Slices with fewer masked pixels than this are not judged (weight 1, never excluded): a handful of
+#: pixels at the brain's edge gives neither a meaningful residual nor a meaningful intensity scale.
+MIN_JUDGED_PIXELS = 50
+#: Reason codes of excluded slices, with the plain-language words the report uses for them.
+REASON_WORDS = {"motion": "motion", "dropout": "signal drop-out", "intensity": "too bright"}
 #: Loss weight of an excluded slice: not zero, so that its motion gradient can be restored (see
 #: unweight_motion_gradients) while its pull on the Gaussians is negligible.
 EXCLUDED_LOSS_WEIGHT = 1e-3
@@ -64,12 +69,23 @@ class SliceTensors:
 
 @dataclass
 class SliceQuality:
-    """Per-slice outcome (M,): relative residual, weight, exclusion and its reason."""
+    """Per-slice outcome (M,): relative residual, weight, exclusion and its reason.
+
+    reason is a sentence and reason_code one of REASON_WORDS' keys (None for a kept slice); n_pixels
+    (M,) counts the pixels the slice was judged on. ncc (M,) is the normalized cross-correlation
+    between each slice's observed and predicted pixels (NaN until the final pass), and predicted
+    (P,) the final prediction of every fine-stage pixel, in the optimizer's intensity units (input /
+    intensity normalization), slice scale included; None when the run was cancelled.
+    """
 
     residual: np.ndarray
     weight: np.ndarray
     excluded: np.ndarray
     reason: list[str | None] = field(default_factory=list)
+    reason_code: list[str | None] = field(default_factory=list)
+    n_pixels: np.ndarray | None = None
+    ncc: np.ndarray | None = None
+    predicted: np.ndarray | None = None
 
 
 @dataclass
@@ -113,61 +129,134 @@ def neighbour_lists(
         return knn(field_.means.detach(), points, k, backend)
 
 
+def residual_z(residual: np.ndarray, n_pixels: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """Robust z-scores (M,) of the residuals (M,), each shrunk by its slice's pixel count (M,).
+
+    A residual over n pixels scatters about 1/sqrt(n): a small slice at the brain's edge (few pixels,
+    most of them partial-volumed) is noisier, not worse. Deviations from the median are scaled by
+    min(1, sqrt(n / n_median)) before the robust spread is taken, so small slices need a larger
+    deviation to be flagged while slices of typical size keep the plain robust z.
+    Median and spread come from the judged slices (M,) bool only.
+    """
+    z = np.zeros(len(residual))
+    if not judged.any():
+        return z
+    median = np.median(residual[judged])
+    shrink = np.minimum(1.0, np.sqrt(n_pixels / max(float(np.median(n_pixels[judged])), 1.0)))
+    deviation = (residual - median) * shrink
+    mad = 1.4826 * np.median(np.abs(deviation[judged]))
+    z[judged] = deviation[judged] / max(mad, MIN_RELATIVE_SPREAD * abs(median), 1e-12)
+    return z
+
+
 def robust_weights(
-    residual: np.ndarray, scale: np.ndarray, slice_stack: np.ndarray, outlier_z: float
+    residual: np.ndarray,
+    scale: np.ndarray,
+    slice_stack: np.ndarray,
+    outlier_z: float,
+    n_pixels: np.ndarray | None = None,
 ) -> SliceQuality:
     """Slice weights from robust statistics of the per-slice residuals (M,) and intensity scales (M,).
 
-    z = (r - median) / (1.4826 MAD); weight 1 up to FULL_WEIGHT_Z, falling linearly to 0 at
-    outlier_z, where the slice is excluded. A slice whose intensity scale is off its stack's median
-    by more than SCALE_OUTLIER_FACTOR is excluded too (signal drop-out shows up there, since the
-    scale can absorb it).
+    z: see residual_z (n_pixels (M,) defaults to equal counts); weight 1 up to FULL_WEIGHT_Z,
+    falling linearly to 0 at outlier_z, where the slice is excluded for "motion" (anything that
+    breaks a slice's agreement with the volume; motion during its acquisition is the usual cause).
+    A slice whose intensity scale is off its stack's median by more than SCALE_OUTLIER_FACTOR is
+    excluded too, as a "dropout" (signal loss, which the scale absorbs) or "intensity" (too bright).
+    Slices with a NaN residual or fewer than MIN_JUDGED_PIXELS pixels keep weight 1.
     """
-    valid = np.isfinite(residual)
-    median = np.median(residual[valid]) if valid.any() else 0.0
-    mad = 1.4826 * np.median(np.abs(residual[valid] - median)) if valid.any() else 0.0
-    z = (residual - median) / max(mad, MIN_RELATIVE_SPREAD * abs(median), 1e-12)
-    weight = np.clip((outlier_z - z) / (outlier_z - FULL_WEIGHT_Z), 0.0, 1.0)
-    weight[~valid] = 1.0
-    excluded = np.zeros(len(residual), dtype=bool)
-    reason: list[str | None] = [None] * len(residual)
-    for i in np.nonzero(valid & (z > outlier_z))[0]:
-        excluded[i] = True
-        reason[i] = f"residual {residual[i]:.3f} is {z[i]:.1f} robust SD above the median {median:.3f}"
+    m = len(residual)
+    n_pixels = np.full(m, MIN_JUDGED_PIXELS) if n_pixels is None else np.asarray(n_pixels)
+    judged = np.isfinite(residual) & (n_pixels >= MIN_JUDGED_PIXELS)
+    z = residual_z(residual, n_pixels, judged)
+    weight = np.where(judged, np.clip((outlier_z - z) / (outlier_z - FULL_WEIGHT_Z), 0.0, 1.0), 1.0)
+    excluded = np.zeros(m, dtype=bool)
+    reason: list[str | None] = [None] * m
+    code: list[str | None] = [None] * m
+    median = np.median(residual[judged]) if judged.any() else 0.0
+    for i in np.nonzero(judged & (z > outlier_z))[0]:
+        excluded[i], code[i] = True, "motion"
+        reason[i] = (
+            f"residual {residual[i]:.3f} is {z[i]:.1f} robust SD above the median {median:.3f} "
+            "(motion or another artefact)"
+        )
     for s in np.unique(slice_stack):
-        on_stack = np.nonzero(slice_stack == s)[0]
+        on_stack = np.nonzero((slice_stack == s) & (n_pixels >= MIN_JUDGED_PIXELS))[0]
+        if len(on_stack) == 0:
+            continue
         ratio = scale[on_stack] / np.median(scale[on_stack])
-        for i in on_stack[(ratio > SCALE_OUTLIER_FACTOR) | (ratio < 1.0 / SCALE_OUTLIER_FACTOR)]:
-            excluded[i] = True
-            reason[i] = (
-                f"intensity x{scale[i] / np.median(scale[on_stack]):.2f} of its stack (signal drop-out)"
-            )
+        for i, r in zip(on_stack, ratio, strict=True):
+            if 1.0 / SCALE_OUTLIER_FACTOR <= r <= SCALE_OUTLIER_FACTOR:
+                continue
+            excluded[i], code[i] = True, "dropout" if r < 1.0 else "intensity"
+            reason[i] = f"intensity x{r:.2f} of its stack ({REASON_WORDS[code[i]]})"
     weight[excluded] = 0.0
-    return SliceQuality(residual=residual, weight=weight, excluded=excluded, reason=reason)
+    return SliceQuality(
+        residual=residual,
+        weight=weight,
+        excluded=excluded,
+        reason=reason,
+        reason_code=code,
+        n_pixels=n_pixels,
+        ncc=np.full(m, np.nan),
+    )
 
 
-def slice_residuals(
+def pixels_per_slice(data: SliceTensors, m: int) -> np.ndarray:
+    """Number of pixels (M,) of every slice."""
+    return torch.bincount(data.slice_id, minlength=m).cpu().numpy()
+
+
+@dataclass
+class SliceFit:
+    """The final pass: per slice (M,) relative L1 residual, NCC and level (observed over predicted
+    mean, 1 where undefined), and every pixel's prediction (P,)."""
+
+    residual: np.ndarray
+    ncc: np.ndarray
+    level: np.ndarray
+    predicted: np.ndarray
+
+
+def final_fit(
     field_: GaussianField,
     motion: SliceMotion,
     data: SliceTensors,
     neighbours: torch.Tensor,
     mode: str,
     batch: int,
-) -> np.ndarray:
-    """Relative L1 residual sum|pred - I| / sum|I| of every slice (M,), over all its pixels."""
+) -> SliceFit:
+    """Predict every pixel once; per slice sum|pred - I| / sum|I|, the NCC of pred against I and
+    sum I / sum pred.
+
+    Slices without signal get a NaN residual, slices whose observed or predicted pixels are constant
+    a NaN NCC.
+    """
     m = motion.n
-    abs_error = torch.zeros(m, dtype=torch.float64, device=data.values.device)
-    abs_value = torch.zeros_like(abs_error)
+    device = data.values.device
+    # Per slice: sum|e|, sum|I|, n, sum I, sum p, sum I^2, sum p^2, sum I p (float64 against cancellation).
+    sums = torch.zeros(8, m, dtype=torch.float64, device=device)
+    predicted = torch.empty(data.n_pixels, dtype=torch.float32, device=device)
     with torch.no_grad():
         for start in range(0, data.n_pixels, batch):
-            index = torch.arange(start, min(start + batch, data.n_pixels), device=data.values.device)
-            prediction = predict(field_, motion, data, index, neighbours[index], mode)
-            slice_id = data.slice_id[index]
-            abs_error.index_add_(0, slice_id, (prediction - data.values[index]).abs().double())
-            abs_value.index_add_(0, slice_id, data.values[index].abs().double())
-    residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
-    residual[abs_value.cpu().numpy() == 0] = np.nan
-    return residual
+            index = torch.arange(start, min(start + batch, data.n_pixels), device=device)
+            p = predict(field_, motion, data, index, neighbours[index], mode)
+            predicted[index] = p
+            x, y = data.values[index].double(), p.double()
+            terms = torch.stack([(y - x).abs(), x.abs(), torch.ones_like(x), x, y, x * x, y * y, x * y])
+            sums.index_add_(1, data.slice_id[index], terms)
+    error, magnitude, n, sx, sy, sxx, syy, sxy = sums.cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual = np.where(magnitude > 0, error / np.maximum(magnitude, 1e-300), np.nan)
+        n = np.maximum(n, 1.0)
+        var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
+        covariance = sxy - sx * sy / n
+        tiny = 1e-12 * np.maximum(sxx, syy)
+        ncc = np.where((var_x > tiny) & (var_y > tiny), covariance / np.sqrt(var_x * var_y), np.nan)
+        level = np.where((sx > 0) & (sy > 0), sx / np.maximum(sy, 1e-300), 1.0)
+    return SliceFit(
+        residual=residual, ncc=np.clip(ncc, -1.0, 1.0), level=level, predicted=predicted.cpu().numpy()
+    )
 
 
 def unweight_motion_gradients(motion: SliceMotion, loss_weight: torch.Tensor) -> None:
@@ -240,6 +329,7 @@ def optimize(
     for stage, steps in plan:
         data = stages[stage]
         device = data.values.device
+        counts = pixels_per_slice(data, m)
         abs_error = torch.zeros(m, dtype=torch.float64, device=device)
         abs_value = torch.zeros_like(abs_error)
         order = torch.randperm(data.n_pixels, generator=generator).to(device)
@@ -256,7 +346,7 @@ def optimize(
                     residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
                     residual[abs_value.cpu().numpy() == 0] = np.nan
                     scale = motion.intensity_scale().detach().cpu().numpy()
-                    quality = robust_weights(residual, scale, slice_stack, settings.outlier_z)
+                    quality = robust_weights(residual, scale, slice_stack, settings.outlier_z, counts)
                     abs_error.zero_()
                     abs_value.zero_()
             if cursor + settings.batch_pixels > data.n_pixels:
@@ -297,6 +387,10 @@ def optimize(
                 hooks.checkpoint(step)
     fine = stages["fine"]
     neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
-    residual = slice_residuals(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
-    scale = motion.intensity_scale().detach().cpu().numpy()
-    return robust_weights(residual, scale, slice_stack, settings.outlier_z)
+    fit = final_fit(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
+    # The slice's intensity relative to the volume: its scale, times what the scale has not yet
+    # absorbed (the scale learns slowly, so a deep drop-out can still be on its way down).
+    scale = motion.intensity_scale().detach().cpu().numpy() * fit.level
+    quality = robust_weights(fit.residual, scale, slice_stack, settings.outlier_z, pixels_per_slice(fine, m))
+    quality.ncc, quality.predicted = fit.ncc, fit.predicted
+    return quality

@@ -6,7 +6,7 @@ else it has to say goes to stderr. Every message carries ``"v": PROTOCOL_VERSION
 - ``started``:    ``device``, ``n_stacks``, ``n_slices``, ``n_pixels``, ``n_gaussians``, ``total``
 - ``progress``:   ``iter``, ``total``, ``loss``, ``eta_s``, ``elapsed_s``, ``stage``
 - ``checkpoint``: ``iter``, ``volume`` (path), ``gaussians`` (path of the .npz), ``ellipsoids`` (.vtp)
-- ``done``:       ``volume``, ``gaussians``, ``ellipsoids``, ``report`` (paths or null), ``elapsed_s``
+- ``done``:       ``volume``, ``gaussians``, ``ellipsoids``, ``report``, ``qc`` (paths or null), ``elapsed_s``
 - ``error``:      ``message``
 
 A client must reject messages whose ``v`` differs from its own PROTOCOL_VERSION, and treat lines

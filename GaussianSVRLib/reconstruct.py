@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, forward
+from .bias import correct_bias
 from .devices import choose_device
 from .errors import InputError
 from .export import save_gaussians, write_ellipsoids, write_image, write_json
@@ -28,13 +29,16 @@ from .init import (
     reference_index,
     sample_centres,
 )
+from .masks import prepare_masks
 from .motion import SliceMotion, compose_rigid
 from .neighbours import knn
 from .optimize import Hooks, SliceQuality, SliceTensors, optimize
+from .qc import write_qc_png
 from .report import build_report
 from .settings import Settings
 from .stacks import SliceSet, Stack, coarsen_slices, extract_slices, read_stacks
 from .volume import check_grid_fits, grid_covering, render
+from .warmstart import warm_start, warm_start_arrays
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class Outputs:
     gaussians: str | None = None
     report: str | None = None
     preview_dir: str | None = None
+    qc: str | None = None
 
     def gaussian_paths(self) -> tuple[str, str] | None:
         if self.gaussians is None:
@@ -97,7 +102,9 @@ def check_outputs(outputs: Outputs) -> None:
     """Refuse unusable output paths before any work: wrong extension, missing or read-only folder."""
     if outputs.volume is not None and not outputs.volume.lower().endswith(IMAGE_EXTENSIONS):
         raise InputError(outputs.volume, f"output volume must end with one of {', '.join(IMAGE_EXTENSIONS)}")
-    paths = [outputs.volume, outputs.report] + list(outputs.gaussian_paths() or [])
+    if outputs.qc is not None and not outputs.qc.lower().endswith(".png"):
+        raise InputError(outputs.qc, "the quality-control image must end with .png")
+    paths = [outputs.volume, outputs.report, outputs.qc] + list(outputs.gaussian_paths() or [])
     for path in filter(None, paths):
         folder = Path(path).resolve().parent
         if not folder.is_dir():
@@ -151,6 +158,16 @@ def initial_models(
     problem: Problem, settings: Settings, device: torch.device
 ) -> tuple[GaussianField, SliceMotion]:
     """Pre-aligned slice motion and content-adaptive Gaussians, in the reference stack's frame."""
+    if settings.init_gaussians:
+        return warm_start(
+            settings.init_gaussians,
+            problem.stacks,
+            problem.slices,
+            problem.reference,
+            problem.intensity_norm,
+            settings.seed,
+            device,
+        )
     slices = problem.slices
     rng = np.random.default_rng(settings.seed)
     if settings.prealign and len(problem.stacks) > 1:
@@ -279,6 +296,9 @@ def reconstruct(
     keeping the last preview and writing no final output.
     """
     settings = settings or Settings()
+    if settings.init_gaussians:
+        # A continued run is past the coarse stage: a half-resolution pass would only blur it.
+        settings = settings.updated(coarse_to_fine=False)
     outputs = outputs or Outputs()
     emit = events or (lambda kind, **fields: None)
     timings: dict[str, float] = {}
@@ -287,7 +307,11 @@ def reconstruct(
     device = choose_device(settings.device)
     torch.manual_seed(settings.seed)
 
-    stacks = read_stacks(stack_paths, mask_paths, thicknesses)
+    stacks = prepare_masks(
+        read_stacks(stack_paths, mask_paths, thicknesses), settings.mask_dilation_mm, settings.seed
+    )
+    if settings.bias_correction == "n4":
+        stacks = [correct_bias(stack) for stack in stacks]
     problem = prepare(stacks, settings, outputs.volume)
     timings["read_s"] = time.monotonic() - started
 
@@ -318,7 +342,12 @@ def reconstruct(
             return
         folder = Path(outputs.preview_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        state = world_gaussians(problem, field_, motion, gauge(problem, motion))
+        frame = gauge(problem, motion)
+        state = world_gaussians(problem, field_, motion, frame)
+        scale = motion.intensity_scale().detach().cpu().numpy()
+        continuation = warm_start_arrays(
+            problem.stacks, problem.slices, problem.reference, *world_motion(motion, frame), scale
+        )
         affine, shape = preview_grid(problem, settings)
         paths = {
             "volume": str(folder / "preview.nii.gz"),
@@ -326,7 +355,7 @@ def reconstruct(
             "ellipsoids": str(folder / "preview_gaussians.vtp"),
         }
         write_image(volume_image(state, affine, shape, settings), paths["volume"])
-        write_gaussians(state, paths["gaussians"], paths["ellipsoids"], PREVIEW_GLYPHS)
+        write_gaussians(state, paths["gaussians"], paths["ellipsoids"], PREVIEW_GLYPHS, **continuation)
         preview_paths.update(paths)
         emit("checkpoint", iter=step, **paths)
         last_checkpoint[0] = time.monotonic()
@@ -380,7 +409,13 @@ def reconstruct(
         timings=timings,
         cancelled=cancelled,
     )
-    paths: dict[str, str | None] = {"volume": None, "gaussians": None, "ellipsoids": None, "report": None}
+    paths: dict[str, str | None] = {
+        "volume": None,
+        "gaussians": None,
+        "ellipsoids": None,
+        "report": None,
+        "qc": None,
+    }
     if not cancelled:
         if outputs.volume is not None:
             write_image(image, outputs.volume)
@@ -391,11 +426,13 @@ def reconstruct(
                 state,
                 *gaussian_paths,
                 max_glyphs=5000,
-                slice_rotation=rotvec,
-                slice_translation=translation,
-                slice_scale=scale,
+                **warm_start_arrays(stacks, problem.slices, problem.reference, rotvec, translation, scale),
             )
             paths["gaussians"], paths["ellipsoids"] = gaussian_paths
+        if outputs.qc is not None and quality.predicted is not None:
+            predicted = quality.predicted * problem.intensity_norm
+            write_qc_png(outputs.qc, report, stacks, problem.slices, predicted)
+            paths["qc"] = outputs.qc
         report["outputs"] = dict(paths)
         if outputs.report is not None:
             write_json(report, outputs.report)

@@ -13,8 +13,10 @@ class Settings:
     stack's mask (about 6,000 for a 28-week brain).
 
     mask_dilation_mm: every mask is dilated by this margin (masks that cut a little brain).
-    bias_correction: "none" or "n4" (SimpleITK N4 on each stack before anything else).
-    init_gaussians: an .npz of an earlier run (--output-gaussians) to continue from (warm start).
+    bias_correction: "n4" (SimpleITK N4 on each stack inside its mask, once the masks are ready) or
+    "none"; n4 is the default because it was measured to help (docs/benchmarks.md).
+    init_gaussians: an .npz of an earlier run (--output-gaussians) to continue from (warm start);
+    a continued run has no coarse stage.
     """
 
     n_gaussians: int = 0
@@ -47,7 +49,7 @@ class Settings:
     reference_stack: int | None = None
     prealign: bool = True
     mask_dilation_mm: float = 0.0
-    bias_correction: str = "none"
+    bias_correction: str = "n4"
     init_gaussians: str | None = None
 
     def updated(self, **changes: object) -> Settings:

@@ -11,6 +11,12 @@ changes the slices by < 0.4 % of the intensity range (1 % is the tested bound).
 Geometry and motion follow ``geometry.py``: the pixel at nominal world position p (stack affine)
 sees the volume at x = R (p - c) + c + t, c the slice centre. ``transforms.json`` records, per slice,
 the full (rotation, translation) in that convention, per-stack misalignment already composed in.
+
+Optional corruptions, for testing outlier detection and intensity correction: signal drop-out,
+slices replaced by neighbouring anatomy, slices blurred by motion during their acquisition (each
+slice carries at most one, flagged in transforms.json), a smooth multiplicative bias field per
+stack and another intensity scale for the last stack. They draw from random generators of their
+own, so asking for them leaves the motion, the noise and every other slice as they were.
 Stack and mask paths in it are file names relative to the JSON's folder, so a simulated case can
 be moved; ``read_transforms`` returns them absolute, ``read_truth`` the flat per-slice list.
 """
@@ -51,6 +57,15 @@ ORIENTATIONS = (
 )
 OBLIQUE_RANGE_DEG = (15.0, 40.0)
 DROPOUT_FACTOR_RANGE = (0.05, 0.3)
+#: A replaced slice shows the anatomy this far (mm) along its normal, towards its stack's middle.
+REPLACED_SHIFT_RANGE_MM = (8.0, 20.0)
+#: A blurred slice averages this many poses (inclusive range) along a path spanning an in-plane
+#: rotation and an in-plane translation drawn from these ranges.
+BLUR_POSITIONS_RANGE = (5, 9)
+BLUR_ROTATION_RANGE_DEG = (5.0, 10.0)
+BLUR_TRANSLATION_RANGE_MM = (2.0, 4.0)
+#: Lower bound of the bias field: it is only reached outside the mask's box at large amplitudes.
+BIAS_FLOOR = 0.1
 #: Half-width of the PSF support and of the sub-sample grid, in standard deviations.
 PSF_SUPPORT_SIGMAS = 3.0
 #: Sub-sample points evaluated at once (bounds memory: about 50 bytes each).
@@ -297,8 +312,17 @@ def _check_settings(settings: dict[str, Any]) -> None:
     for name in ("noise", "max_translation_mm", "stack_misalignment_mm", "margin_mm"):
         if not settings[name] >= 0:
             raise InputError(None, f"{name} must be non-negative, got {settings[name]}")
-    if not 0.0 <= settings["dropout"] <= 1.0:
-        raise InputError(None, f"dropout must be in [0, 1], got {settings['dropout']}")
+    for name in ("dropout", "replaced", "blurred"):
+        if not 0.0 <= settings[name] <= 1.0:
+            raise InputError(None, f"{name} must be in [0, 1], got {settings[name]}")
+    if settings["dropout"] + settings["replaced"] + settings["blurred"] > 1.0:
+        raise InputError(None, "dropout + replaced + blurred must be at most 1 (one corruption per slice)")
+    if not (np.isfinite(settings["stack_intensity_scale"]) and settings["stack_intensity_scale"] > 0):
+        raise InputError(
+            None, f"stack_intensity_scale must be positive, got {settings['stack_intensity_scale']}"
+        )
+    if not 0.0 <= settings["bias_field"] < 1.0:
+        raise InputError(None, f"bias_field must be in [0, 1), got {settings['bias_field']}")
     max_angle = np.sqrt(3.0) * settings["max_rotation_deg"] + settings["stack_misalignment_deg"]
     if not (
         settings["max_rotation_deg"] >= 0 and settings["stack_misalignment_deg"] >= 0 and max_angle < 180
@@ -353,8 +377,136 @@ def _plan_stack(
     return _StackPlan(geometry, centres, rotations, translations, factors, misalignment)
 
 
+def _unit_axes(geometry: StackGeometry) -> np.ndarray:
+    """The stack's i, j, k directions as unit columns (3, 3); k is the slice normal."""
+    return geometry.affine[:3, :3] / np.linalg.norm(geometry.affine[:3, :3], axis=0)
+
+
+def _plan_outliers(
+    seed: int, index: int, plan: _StackPlan, has_brain: np.ndarray, settings: dict[str, Any]
+) -> dict[int, dict[str, Any]]:
+    """Replaced and blurred slices of stack ``index``: slice k -> the fields of its record.
+
+    Chosen among the slices without drop-out whose mask is not empty (has_brain (nk,)): a
+    corruption where the reconstruction ignores the slice would test nothing. A replaced slice
+    shows the anatomy ``replaced_shift_mm`` along its moved normal R n (towards the stack's
+    middle); a blurred slice is the mean of ``positions`` poses spanning, in its plane, a rotation
+    of ``rotation_deg`` and a translation ``translation_mm`` (world vector), centred on its
+    recorded pose.
+    """
+    nk = len(plan.factors)
+    order = np.random.default_rng([seed, index, 1]).permutation(
+        np.nonzero((plan.factors == 1.0) & has_brain)[0]
+    )
+    n_replaced = min(int(round(settings["replaced"] * nk)), len(order))
+    n_blurred = min(int(round(settings["blurred"] * nk)), len(order) - n_replaced)
+    axes = _unit_axes(plan.geometry)
+    outliers: dict[int, dict[str, Any]] = {}
+    rng = np.random.default_rng([seed, index, 2])
+    for k in np.sort(order[:n_replaced]):
+        towards_middle = np.sign((nk - 1) / 2.0 - k) or rng.choice([-1.0, 1.0])
+        outliers[int(k)] = {
+            "replaced_shift_mm": float(towards_middle * rng.uniform(*REPLACED_SHIFT_RANGE_MM))
+        }
+    rng = np.random.default_rng([seed, index, 3])
+    for k in np.sort(order[n_replaced : n_replaced + n_blurred]):
+        positions = int(rng.integers(BLUR_POSITIONS_RANGE[0], BLUR_POSITIONS_RANGE[1] + 1))
+        angle = rng.choice([-1.0, 1.0]) * rng.uniform(*BLUR_ROTATION_RANGE_DEG)
+        heading = rng.uniform(0.0, 2.0 * np.pi)
+        shift = rng.uniform(*BLUR_TRANSLATION_RANGE_MM) * (
+            np.cos(heading) * axes[:, 0] + np.sin(heading) * axes[:, 1]
+        )
+        outliers[int(k)] = {
+            "blur": {"positions": positions, "rotation_deg": float(angle), "translation_mm": shift.tolist()}
+        }
+    return outliers
+
+
+def _acquisition_poses(
+    plan: _StackPlan, outliers: dict[int, dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pose a stack's slices are sampled at; a slice is the mean of its poses' PSF samples.
+
+    Returns slice indices ks (B,), rotations (B, 3, 3) and translations (B, 3), sorted by slice:
+    one pose per slice, the recorded one, except for corrupted slices (see ``_plan_outliers``).
+    A pose x = R (p - c) + c + t preceded by an in-plane motion p -> Rb (p - c) + c + tb of the
+    slice is x = (R Rb)(p - c) + c + (R tb + t).
+    """
+    axes = _unit_axes(plan.geometry)
+    ks, rotations, translations = [], [], []
+    for k, (rotation, translation) in enumerate(zip(plan.rotations, plan.translations, strict=True)):
+        outlier = outliers.get(k, {})
+        if "replaced_shift_mm" in outlier:
+            poses = [(rotation, translation + outlier["replaced_shift_mm"] * rotation @ axes[:, 2])]
+        elif "blur" in outlier:
+            blur = outlier["blur"]
+            path = np.linspace(-0.5, 0.5, blur["positions"])
+            in_plane = rotvec_to_matrix_np(path[:, None] * np.deg2rad(blur["rotation_deg"]) * axes[:, 2])
+            offsets = path[:, None] * np.asarray(blur["translation_mm"])
+            poses = [
+                (rotation @ r, rotation @ o + translation) for r, o in zip(in_plane, offsets, strict=True)
+            ]
+        else:
+            poses = [(rotation, translation)]
+        ks += [k] * len(poses)
+        rotations += [r for r, _ in poses]
+        translations += [t for _, t in poses]
+    return np.array(ks), np.array(rotations), np.array(translations)
+
+
+def _axis_extremes(linear: np.ndarray, quadratic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum and maximum (3,) of linear u + quadratic u^2 over u in [-1, 1], per axis."""
+    vertex = np.clip(-linear / np.where(quadratic == 0, np.inf, 2.0 * quadratic), -1.0, 1.0)
+    candidates = np.stack([-np.ones(3), np.ones(3), vertex])
+    values = linear * candidates + quadratic * candidates**2
+    return values.min(0), values.max(0)
+
+
+def _plan_bias(seed: int, index: int, corners: np.ndarray, amplitude: float) -> dict[str, Any]:
+    """A random bias field of this amplitude over the mask's box (corners (8, 3)); see ``bias_multiplier``."""
+    rng = np.random.default_rng([seed, index, 4])
+    linear, quadratic = rng.uniform(-1.0, 1.0, 3), rng.uniform(-1.0, 1.0, 3)
+    low, high = _axis_extremes(linear, quadratic)
+    norm = max(abs(low.sum()), abs(high.sum()))
+    lo, hi = corners.min(0), corners.max(0)
+    return {
+        "amplitude": amplitude,
+        "centre": ((lo + hi) / 2.0).tolist(),
+        "half_extent": ((hi - lo) / 2.0).tolist(),
+        "linear": (linear / norm).tolist(),
+        "quadratic": (quadratic / norm).tolist(),
+        "floor": BIAS_FLOOR,
+    }
+
+
+def bias_multiplier(points: np.ndarray, parameters: dict[str, Any]) -> np.ndarray:
+    """A stack's multiplicative bias field (as in transforms.json) at world points (..., 3): (...,).
+
+    max(1 + amplitude g(u), floor) with u = (x - centre) / half_extent per world axis and
+    g(u) = sum over axes of linear u + quadratic u^2, scaled so that max |g| over the mask's box
+    (|u| <= 1) is exactly 1: over the box the field spans [1 - amplitude, 1 + amplitude] and
+    reaches one of the two bounds.
+    """
+    u = (points - np.asarray(parameters["centre"])) / np.asarray(parameters["half_extent"])
+    g = u @ np.asarray(parameters["linear"]) + (u * u) @ np.asarray(parameters["quadratic"])
+    return np.maximum(1.0 + parameters["amplitude"] * g, parameters["floor"])
+
+
+def _pixel_centres(geometry: StackGeometry) -> np.ndarray:
+    """Nominal world positions (nk, nj, ni, 3) of a stack's pixels."""
+    ni, nj, nk = geometry.size
+    kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    return apply_affine(geometry.affine, np.stack([ii, jj, kk], -1).astype(np.float64))
+
+
 def _stack_record(
-    plan: _StackPlan, stack_name: str, mask_name: str, settings: dict[str, Any]
+    plan: _StackPlan,
+    outliers: dict[int, dict[str, Any]],
+    stack_name: str,
+    mask_name: str,
+    settings: dict[str, Any],
+    intensity_scale: float,
+    bias: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The transforms.json entry of one stack."""
     rotvecs = matrix_to_rotvec(plan.rotations)
@@ -367,6 +519,8 @@ def _stack_record(
         "size": list(plan.geometry.size),
         "affine": plan.geometry.affine.tolist(),
         "misalignment": plan.misalignment,
+        "intensity_scale": intensity_scale,
+        "bias_field": bias,
         "slices": [
             {
                 "k": k,
@@ -375,6 +529,9 @@ def _stack_record(
                 "translation": plan.translations[k].tolist(),
                 "dropout": bool(plan.factors[k] < 1.0),
                 "dropout_factor": float(plan.factors[k]),
+                "replaced": "replaced_shift_mm" in outliers.get(k, {}),
+                "blurred": "blur" in outliers.get(k, {}),
+                **outliers.get(k, {}),
             }
             for k in range(len(plan.factors))
         ],
@@ -397,6 +554,10 @@ def simulate_stacks(
     oblique: bool = False,
     stack_misalignment_deg: float = 0.0,
     stack_misalignment_mm: float = 0.0,
+    replaced: float = 0.0,
+    blurred: float = 0.0,
+    stack_intensity_scale: float = 1.0,
+    bias_field: float = 0.0,
     seed: int = 0,
     psf_oversampling: float = 1.0,
     in_plane_factor: float = IN_PLANE_FWHM_FACTOR,
@@ -424,6 +585,18 @@ def simulate_stacks(
     Rician noise of sigma noise x (99th percentile of the volume inside the mask). Masks: the mask
     interpolated (trilinear) at each moved pixel centre, thresholded at 0.5. Deterministic for a
     given seed; stack s draws from its own generator seeded (seed, s).
+
+    Outliers, each slice at most one kind (flags per slice in transforms.json; fractions of each
+    stack's slices, rounded): ``replaced`` slices show the anatomy 8-20 mm further along their
+    normal, towards the stack's middle (their recorded transform stays the true one); ``blurred``
+    slices average 5-9 poses spanning an in-plane rotation of 5-10 degrees and an in-plane
+    translation of 2-4 mm (motion during the acquisition); both go through the same numerical PSF,
+    fall on slices whose mask is not empty, and their masks are those of the recorded pose.
+    ``bias_field`` > 0: each stack's signal is multiplied, before the noise, by its own smooth
+    field (``bias_multiplier``) of that amplitude, a function of the nominal pixel position (a
+    coil sensitivity is fixed in the scanner). ``stack_intensity_scale`` multiplies the last
+    stack after the noise (another receiver gain). These draw from generators seeded (seed, s,
+    1..4): the motion, the noise and the other slices do not change when they are asked for.
     """
     settings: dict[str, Any] = {
         "n_stacks": n_stacks,
@@ -437,6 +610,10 @@ def simulate_stacks(
         "oblique": oblique,
         "stack_misalignment_deg": stack_misalignment_deg,
         "stack_misalignment_mm": stack_misalignment_mm,
+        "replaced": replaced,
+        "blurred": blurred,
+        "stack_intensity_scale": stack_intensity_scale,
+        "bias_field": bias_field,
         "seed": seed,
         "psf_oversampling": psf_oversampling,
         "in_plane_factor": in_plane_factor,
@@ -461,31 +638,33 @@ def simulate_stacks(
         rng = np.random.default_rng([seed, s])
         plan = _plan_stack(s, rng, corners, settings)
         g = plan.geometry
-        nk = g.size[2]
-        signal = sample_slices_psf(
-            volume_array,
-            world_to_index,
-            g.affine,
-            g.size,
-            np.arange(nk),
-            plan.rotations,
-            plan.translations,
-            sigma,
-            steps,
-        )
-        signal *= plan.factors[:, None, None]
-        if noise_sigma > 0:
-            real = signal + rng.normal(0.0, noise_sigma, signal.shape)
-            signal = np.hypot(real, rng.normal(0.0, noise_sigma, signal.shape))
         stack_mask = sample_slices_nearest_mask(
             mask_array, world_to_index, g.affine, g.size, plan.rotations, plan.translations
         )
+        outliers = _plan_outliers(seed, s, plan, stack_mask.any(axis=(1, 2)), settings)
+        ks, rotations, translations = _acquisition_poses(plan, outliers)
+        samples = sample_slices_psf(
+            volume_array, world_to_index, g.affine, g.size, ks, rotations, translations, sigma, steps
+        )
+        signal = np.zeros((g.size[2], *samples.shape[1:]))
+        np.add.at(signal, ks, samples)
+        signal /= np.bincount(ks, minlength=g.size[2])[:, None, None]
+        signal *= plan.factors[:, None, None]
+        bias = _plan_bias(seed, s, corners, settings["bias_field"]) if settings["bias_field"] > 0 else None
+        if bias is not None:
+            signal *= bias_multiplier(_pixel_centres(g), bias)
+        if noise_sigma > 0:
+            real = signal + rng.normal(0.0, noise_sigma, signal.shape)
+            signal = np.hypot(real, rng.normal(0.0, noise_sigma, signal.shape))
+        intensity_scale = float(stack_intensity_scale) if s == n_stacks - 1 else 1.0
+        if intensity_scale != 1.0:
+            signal *= intensity_scale
         stack_name, mask_name = f"stack_{s:02d}.nii.gz", f"mask_{s:02d}.nii.gz"
         write_image(_image(signal.astype(np.float32), g.affine), out_dir / stack_name)
         write_image(_image(stack_mask, g.affine), out_dir / mask_name)
         result.stack_paths.append(str(out_dir / stack_name))
         result.mask_paths.append(str(out_dir / mask_name))
-        records.append(_stack_record(plan, stack_name, mask_name, settings))
+        records.append(_stack_record(plan, outliers, stack_name, mask_name, settings, intensity_scale, bias))
     _write_atomic_json({"stacks": records, "settings": settings}, Path(result.transforms_path))
     return result
 

@@ -1,4 +1,5 @@
-"""Every input error of issue item 8 through a real ``python -m GaussianSVRLib reconstruct`` process.
+"""Every input error of the engine issue (item 8) and the bad-input catalogue of issue 4 (item 7), each
+through a real ``python -m GaussianSVRLib reconstruct`` process.
 
 Each case must exit with code 2, print exactly one line on stderr naming the file (or flag) and the
 problem, with no traceback; print nothing on stdout, or with ``--progress json`` exactly one
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -247,6 +249,165 @@ def cuda_without_gpu(root: Path, stacks: SimulationResult) -> Case | None:
     return Case(args, ["--device"], "cuda", [root / "out"])
 
 
+def tiny_stack(dtype: type = np.float32, shape: tuple[int, int, int] = (6, 12, 12)) -> np.ndarray:
+    """A small stack [k, j, i] of non-zero intensities: cases refused at read time need no anatomy."""
+    return (np.arange(np.prod(shape)).reshape(shape) % 50 + 1).astype(dtype)
+
+
+def one_bad_stack(root: Path, stacks: SimulationResult, bad: Path, problem: str, json: bool = False) -> Case:
+    """A good stack followed by the bad one, no masks."""
+    args = ["--input-stacks", stacks.stack_paths[0], str(bad)] + outputs(root / "out")
+    return Case(args, [str(bad)], problem, [root, root / "out"], json=json)
+
+
+def one_bad_mask(root: Path, stacks: SimulationResult, bad: Path, problem: str, json: bool = False) -> Case:
+    """Two good stacks, the second with the bad mask."""
+    args = ["--input-stacks", *stacks.stack_paths[:2], "--stack-masks", stacks.mask_paths[0], str(bad)]
+    return Case(args + outputs(root / "out"), [str(bad)], problem, [root, root / "out"], json=json)
+
+
+def patched_nifti(source: str, target: Path, patch: Callable[[bytearray], None]) -> Path:
+    """The image rewritten as uncompressed NIfTI-1 by SimpleITK (qform and sform both set), then its
+    header bytes changed by ``patch``, as another tool might have written them."""
+    sitk.WriteImage(sitk.ReadImage(source), str(target))
+    raw = bytearray(target.read_bytes())
+    patch(raw)
+    target.write_bytes(bytes(raw))
+    return target
+
+
+def write_nrrd(array: np.ndarray, directions: str, path: Path) -> Path:
+    """A raw float32 NRRD [k, j, i] with the given "space directions" field, written by hand."""
+    header = (f"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {array.shape[2]} {array.shape[1]} {array.shape[0]}\nspace directions: {directions}\n"
+              "space origin: (0,0,0)\nendian: little\nencoding: raw\n\n")  # fmt: skip
+    path.write_bytes(header.encode() + array.astype("<f4").tobytes())
+    return path
+
+
+def qform_sform_disagree(root: Path, stacks: SimulationResult) -> Case:
+    """The sform mirrored left-right against the qform (radiological vs neurological convention)."""
+
+    def mirror_sform(raw: bytearray) -> None:
+        row = struct.unpack("<4f", raw[280:296])
+        raw[280:296] = struct.pack("<4f", *(-v for v in row))
+
+    bad = patched_nifti(stacks.stack_paths[1], root / "mirrored_sform.nii", mirror_sform)
+    return one_bad_stack(root, stacks, bad, "qform and sform disagree", json=True)
+
+
+def single_slice(root: Path, stacks: SimulationResult) -> Case:
+    bad = write(tiny_stack(shape=(1, 12, 12)), None, root / "one_slice.nii.gz")
+    return one_bad_stack(root, stacks, bad, "single slice")
+
+
+def one_pixel_wide(root: Path, stacks: SimulationResult) -> Case:
+    bad = write(tiny_stack(shape=(6, 12, 1)), None, root / "one_pixel_wide.nii.gz")
+    return one_bad_stack(root, stacks, bad, "at least 2 pixels", json=True)
+
+
+def complex_voxels(root: Path, stacks: SimulationResult) -> Case:
+    bad = write(tiny_stack(np.complex64), None, root / "complex.nii.gz")
+    return one_bad_stack(root, stacks, bad, "complex")
+
+
+def rgb_voxels(root: Path, stacks: SimulationResult) -> Case:
+    bad = root / "rgb.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([tiny_stack(np.uint8)] * 3, -1), isVector=True), str(bad))
+    return one_bad_stack(root, stacks, bad, "3 components", json=True)
+
+
+def beyond_float32(root: Path, stacks: SimulationResult) -> Case:
+    """A float64 voxel that float32 cannot hold: it would silently become Inf."""
+    array = tiny_stack(np.float64)
+    array[3, 6, 6] = 1e300
+    bad = write(array, None, root / "float64_huge.nii.gz")
+    return one_bad_stack(root, stacks, bad, "float32 range")
+
+
+def zero_spacing(root: Path, stacks: SimulationResult) -> Case:
+    bad = write_nrrd(tiny_stack(), "(1.2,0,0) (0,0,0) (0,0,2.4)", root / "zero_spacing.nrrd")
+    return one_bad_stack(root, stacks, bad, "zero or invalid spacing [1.2, 0, 2.4]", json=True)
+
+
+def negative_spacing(root: Path, stacks: SimulationResult) -> Case:
+    """pixdim[1] < 0: ITK would flip the axis, another reader would not."""
+
+    def negate_pixdim(raw: bytearray) -> None:
+        raw[80:84] = struct.pack("<f", -struct.unpack("<f", raw[80:84])[0])
+
+    bad = patched_nifti(stacks.stack_paths[1], root / "negative_pixdim.nii", negate_pixdim)
+    return one_bad_stack(root, stacks, bad, "negative voxel size")
+
+
+def skewed_directions(root: Path, stacks: SimulationResult) -> Case:
+    bad = write_nrrd(tiny_stack(), "(1.2,0,0) (0.3,1.2,0) (0,0,2.4)", root / "skewed.nrrd")
+    return one_bad_stack(root, stacks, bad, "not orthonormal", json=True)
+
+
+def stack_in_micrometres(root: Path, stacks: SimulationResult) -> Case:
+    """Spacing written in micrometres: a stack metres wide, whose output grid could never be held."""
+    stack = sitk.ReadImage(stacks.stack_paths[1])
+    stack.SetSpacing(tuple(1000.0 * v for v in stack.GetSpacing()))
+    bad = root / "micrometres.nii.gz"
+    sitk.WriteImage(stack, str(bad))
+    return one_bad_stack(root, stacks, bad, "more than any MRI field of view")
+
+
+def outside_field_of_view(root: Path, stacks: SimulationResult) -> Case:
+    """Stack 2 and its mask moved 400 mm away together: each is fine, they share nothing with the others."""
+    moved = []
+    for path, name in ((stacks.stack_paths[1], "far_stack"), (stacks.mask_paths[1], "far_mask")):
+        image = sitk.ReadImage(path)
+        image.SetOrigin(tuple(np.asarray(image.GetOrigin()) + [0.0, 400.0, 0.0]))
+        sitk.WriteImage(image, str(root / f"{name}.nii.gz"))
+        moved.append(str(root / f"{name}.nii.gz"))
+    args = ["--input-stacks", stacks.stack_paths[0], moved[0], stacks.stack_paths[2],
+            "--stack-masks", stacks.mask_paths[0], moved[1], stacks.mask_paths[2]]  # fmt: skip
+    return Case(args + outputs(root / "out"), [moved[0]], "outside the field of view", [root, root / "out"])
+
+
+def mask_negative(root: Path, stacks: SimulationResult) -> Case:
+    """A signed distance map (negative inside the brain) given as a mask."""
+    mask = sitk.ReadImage(stacks.mask_paths[1])
+    bad = root / "distance_map.nii.gz"
+    sitk.WriteImage(
+        sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, useImageSpacing=True), str(bad)
+    )
+    return one_bad_mask(root, stacks, bad, "negative values", json=True)
+
+
+def image_as_mask(root: Path, stacks: SimulationResult) -> Case:
+    """The stack itself given as its mask: intensities, not 0/1."""
+    bad = root / "stack_as_mask.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(stacks.stack_paths[1]), str(bad))
+    return one_bad_mask(root, stacks, bad, "values other than 0/1")
+
+
+def mask_4d(root: Path, stacks: SimulationResult) -> Case:
+    mask = sitk.ReadImage(stacks.mask_paths[1])
+    bad = root / "mask_series.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([mask, mask]), str(bad))
+    return one_bad_mask(root, stacks, bad, "mask is 4-D", json=True)
+
+
+def stack_twice(root: Path, stacks: SimulationResult) -> Case:
+    args = ["--input-stacks", *stacks.stack_paths[:2], stacks.stack_paths[0]] + outputs(root / "out")
+    return Case(args, [stacks.stack_paths[0]], "given twice (as stacks 1 and 3)", [root / "out"])
+
+
+def empty_file(root: Path, stacks: SimulationResult) -> Case:
+    bad = root / "empty.nii.gz"
+    bad.touch()
+    return one_bad_stack(root, stacks, bad, "empty (0 bytes)", json=True)
+
+
+def folder_as_stack(root: Path, stacks: SimulationResult) -> Case:
+    bad = root / "stacks.nii.gz"
+    bad.mkdir()
+    return one_bad_stack(root, stacks, bad, "is a folder")
+
+
 CASES: dict[str, Builder] = {
     "missing file": missing_file,
     "unreadable file": unreadable_file,
@@ -268,6 +429,23 @@ CASES: dict[str, Builder] = {
     "output folder is a file": output_folder_is_file,
     "output grid too large for memory": grid_too_large,
     "--device cuda without CUDA": cuda_without_gpu,
+    "NIfTI qform and sform disagree": qform_sform_disagree,
+    "single slice": single_slice,
+    "stack one pixel wide": one_pixel_wide,
+    "complex voxels": complex_voxels,
+    "RGB voxels": rgb_voxels,
+    "float64 values beyond float32": beyond_float32,
+    "zero spacing (NRRD)": zero_spacing,
+    "negative spacing (NIfTI pixdim)": negative_spacing,
+    "skewed direction matrix (NRRD)": skewed_directions,
+    "stack spacing in micrometres": stack_in_micrometres,
+    "stack outside the others' field of view": outside_field_of_view,
+    "mask with negative values": mask_negative,
+    "image given as a mask": image_as_mask,
+    "4-D mask": mask_4d,
+    "same stack given twice": stack_twice,
+    "empty (0-byte) file": empty_file,
+    "folder given as a stack": folder_as_stack,
 }
 
 

@@ -1,4 +1,5 @@
-"""Stacks simulated from a volume: geometry, numerical PSF, motion record, drop-outs, noise, baseline."""
+"""Stacks simulated from a volume: geometry, numerical PSF, motion record, drop-outs, outliers, bias,
+noise, baseline."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import SimpleITK as sitk
 from scipy.interpolate import RegularGridInterpolator
 from scipy.spatial.transform import Rotation
 
+from GaussianSVRLib import cli
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.metrics import motion_errors
 from GaussianSVRLib.simulate import (
+    bias_multiplier,
     naive_average,
     read_transforms,
     read_truth,
@@ -210,7 +213,10 @@ def test_numerical_psf_has_converged(smooth):
 
 def test_simulation_is_deterministic_for_a_seed(smooth, tmp_path):
     volume, mask = smooth
-    kwargs = dict(n_stacks=2, in_plane=2.0, thickness=3.0, noise=0.05, dropout=0.2, oblique=True, seed=5)
+    kwargs = dict(
+        n_stacks=2, in_plane=2.0, thickness=3.0, noise=0.05, dropout=0.2, oblique=True, seed=5,
+        replaced=0.2, blurred=0.2, stack_intensity_scale=1.5, bias_field=0.2,
+    )  # fmt: skip
     first, again = (simulate_stacks(volume, mask, tmp_path / name, **kwargs) for name in ("first", "again"))
     for a, b in zip(first.stack_paths + first.mask_paths, again.stack_paths + again.mask_paths, strict=True):
         np.testing.assert_array_equal(
@@ -321,7 +327,17 @@ def test_naive_average_normalizes_and_tracks_the_volume(tmp_path, smooth):
 
 
 @pytest.mark.parametrize(
-    "settings", [{"max_rotation_deg": 120.0}, {"dropout": 1.5}, {"thickness": 0.0}, {"n_stacks": 0}]
+    "settings",
+    [
+        {"max_rotation_deg": 120.0},
+        {"dropout": 1.5},
+        {"thickness": 0.0},
+        {"n_stacks": 0},
+        {"replaced": -0.1},
+        {"dropout": 0.4, "replaced": 0.3, "blurred": 0.4},
+        {"stack_intensity_scale": 0.0},
+        {"bias_field": 1.0},
+    ],
 )
 def test_bad_settings_are_input_errors(tmp_path, smooth, settings):
     volume, mask = smooth
@@ -343,3 +359,204 @@ def test_atlas_stack(tmp_path):
     assert stack.mask.sum() * voxel_ml == pytest.approx(brain_ml, rel=0.1)
     assert np.median(stack.data[stack.mask]) == pytest.approx(np.median(brain), rel=0.1)
     assert stack.affine[2, 2] == pytest.approx(3.0) and stack.thickness == 3.0
+
+
+#: Motion, drop-outs and noise shared by the runs without and with the other outliers below.
+OUTLIER_CASE = dict(
+    n_stacks=2,
+    in_plane=1.0,
+    thickness=2.0,
+    max_rotation_deg=4.0,
+    max_translation_mm=1.5,
+    dropout=0.1,
+    seed=11,
+)
+
+
+def _arrays(paths: list[str]) -> list[np.ndarray]:
+    return [sitk.GetArrayFromImage(sitk.ReadImage(path)) for path in paths]
+
+
+@pytest.fixture(scope="module")
+def outlier_runs(tmp_path_factory: pytest.TempPathFactory, smooth):
+    """The same case with drop-outs only ("clean") and with replaced and blurred slices too."""
+    volume, mask = smooth
+    out = tmp_path_factory.mktemp("outliers")
+    runs = {}
+    for noise in (0.0, 0.03):
+        for name, extra in (("clean", {}), ("outliers", {"replaced": 0.2, "blurred": 0.15})):
+            runs[name, noise] = simulate_stacks(
+                volume, mask, out / f"{name}_{noise}", noise=noise, **OUTLIER_CASE, **extra
+            )
+    return runs
+
+
+def _slices(result) -> list[list[dict]]:
+    return [stack["slices"] for stack in read_transforms(result.transforms_path)["stacks"]]
+
+
+def test_outliers_are_flagged_once_and_leave_the_rest_unchanged(outlier_runs):
+    clean, corrupted = outlier_runs["clean", 0.03], outlier_runs["outliers", 0.03]
+    masks = _arrays(corrupted.mask_paths)
+    for a, b in zip(masks, _arrays(clean.mask_paths), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for s, (a, b) in enumerate(zip(_arrays(clean.stack_paths), _arrays(corrupted.stack_paths), strict=True)):
+        slices, clean_slices = _slices(corrupted)[s], _slices(clean)[s]
+        nk = len(slices)
+        flags = np.array([[sl["dropout"], sl["replaced"], sl["blurred"]] for sl in slices])
+        assert flags.sum(1).max() == 1  # at most one corruption per slice
+        np.testing.assert_array_equal(flags.sum(0), [round(f * nk) for f in (0.1, 0.2, 0.15)])
+        has_brain = masks[s].any(axis=(1, 2))
+        assert has_brain[flags[:, 1] | flags[:, 2]].all()  # outliers fall where the mask has brain
+        for sl, clean_sl in zip(slices, clean_slices, strict=True):
+            # The true motion stays recorded; only the flags and their details are added.
+            for key in ("centre", "rotation", "translation"):
+                assert sl[key] == clean_sl[key]
+            assert not (clean_sl["replaced"] or clean_sl["blurred"])
+            assert ("replaced_shift_mm" in sl) == sl["replaced"] and ("blur" in sl) == sl["blurred"]
+        # Same noise draws: every slice neither replaced nor blurred is bit for bit the clean run's.
+        assert [sl["dropout"] for sl in slices] == [sl["dropout"] for sl in clean_slices]
+        kept = ~(flags[:, 1] | flags[:, 2])
+        np.testing.assert_array_equal(a[kept], b[kept])
+        assert not np.allclose(a[~kept], b[~kept], atol=1.0)
+
+
+def test_replaced_slice_shows_the_anatomy_along_its_normal(outlier_runs, smooth):
+    volume, _ = smooth
+    clean, corrupted = outlier_runs["clean", 0.0], outlier_runs["outliers", 0.0]
+    sigma = np.array([1.2, 1.2, OUTLIER_CASE["thickness"]]) * FWHM_TO_SIGMA
+    values_range = float(np.ptp(sitk.GetArrayFromImage(volume)))
+    compared, with_anatomy = 0, 0
+    rng = np.random.default_rng(0)
+    for s, slices in enumerate(_slices(corrupted)):
+        stack = sitk.ReadImage(corrupted.stack_paths[s])
+        data, clean_data = sitk.GetArrayFromImage(stack), _arrays(clean.stack_paths)[s]
+        direction = np.asarray(stack.GetDirection()).reshape(3, 3)
+        nk, nj, ni = data.shape
+        for sl in (sl for sl in slices if sl["replaced"]):
+            k, shift = sl["k"], sl["replaced_shift_mm"]
+            assert 8.0 <= abs(shift) <= 20.0
+            assert np.sign(shift) == np.sign((nk - 1) / 2.0 - k) or k == (nk - 1) / 2.0  # towards the middle
+            jj, ii = np.meshgrid(np.arange(0, nj, 2), np.arange(0, ni, 2), indexing="ij")
+            rotation = Rotation.from_rotvec(sl["rotation"]).as_matrix()
+            centre = np.asarray(sl["centre"])
+            moved = (_pixel_world(stack, ii.ravel(), jj.ravel(), k) - centre) @ rotation.T + centre
+            moved += np.asarray(sl["translation"]) + shift * rotation @ direction[:, 2]
+            # Pixels whose PSF support stays inside the volume (the reference integral needs it).
+            index = (moved - ORIGIN) @ DIRECTION / SPACING
+            inside = np.all((index > 3.0) & (index < SIZE - 4.0), axis=1)
+            if inside.sum() > 20:
+                chosen = rng.choice(np.nonzero(inside)[0], size=20, replace=False)
+                expected = direct_psf(volume, moved[chosen], rotation @ direction, sigma)
+                got = data[k, jj.ravel()[chosen], ii.ravel()[chosen]]
+                assert np.abs(got - expected).max() < 0.01 * values_range
+                compared += 1
+                with_anatomy += expected.max() > 0.2 * values_range
+            assert np.abs(data[k] - clean_data[k]).max() > 0.2 * values_range
+    # Some replaced slices land beyond this small phantom; enough of them show its anatomy.
+    assert compared >= 6 and with_anatomy >= 4, (compared, with_anatomy)
+
+
+def _high_frequency_power(image: np.ndarray, pixel_mm: float, cutoff: float = 0.2) -> float:
+    """Power of a slice (nj, ni) at spatial frequencies above ``cutoff`` cycles/mm (wavelengths < 5 mm)."""
+    power = np.abs(np.fft.fft2(image)) ** 2
+    fj, fi = (np.fft.fftfreq(n, d=pixel_mm) for n in image.shape)
+    return float(power[np.hypot(*np.meshgrid(fj, fi, indexing="ij")) > cutoff].sum())
+
+
+def test_blurred_slice_loses_high_frequencies(outlier_runs):
+    clean, corrupted = outlier_runs["clean", 0.0], outlier_runs["outliers", 0.0]
+    checked = 0
+    for s, slices in enumerate(_slices(corrupted)):
+        data, clean_data = _arrays(corrupted.stack_paths)[s], _arrays(clean.stack_paths)[s]
+        for sl in (sl for sl in slices if sl["blurred"]):
+            blur, k = sl["blur"], sl["k"]
+            assert 5 <= blur["positions"] <= 9 and 5.0 <= abs(blur["rotation_deg"]) <= 10.0
+            assert 2.0 <= np.linalg.norm(blur["translation_mm"]) <= 4.0
+            # In-plane: the translation is orthogonal to the slice normal.
+            stack = sitk.ReadImage(corrupted.stack_paths[s])
+            normal = np.asarray(stack.GetDirection()).reshape(3, 3)[:, 2]
+            assert abs(np.dot(blur["translation_mm"], normal)) < 1e-9
+            # The same anatomy, smeared: the same total signal, less power at fine scales.
+            assert data[k].sum() == pytest.approx(clean_data[k].sum(), rel=0.02)
+            assert np.corrcoef(data[k].ravel(), clean_data[k].ravel())[0, 1] > 0.9
+            pixel = OUTLIER_CASE["in_plane"]
+            ratio = _high_frequency_power(data[k], pixel) / _high_frequency_power(clean_data[k], pixel)
+            assert ratio < 0.8, ratio
+            checked += 1
+    assert checked >= 2
+
+
+def test_stack_intensity_scale_multiplies_the_last_stack(tmp_path, outlier_runs, smooth):
+    volume, mask = smooth
+    scaled = simulate_stacks(volume, mask, tmp_path, noise=0.03, stack_intensity_scale=1.8, **OUTLIER_CASE)
+    clean = outlier_runs["clean", 0.03]
+    first, last = _arrays(scaled.stack_paths)
+    clean_first, clean_last = _arrays(clean.stack_paths)
+    np.testing.assert_array_equal(first, clean_first)
+    np.testing.assert_allclose(last, 1.8 * clean_last, rtol=1e-6)  # noise included: a receiver gain
+    record = read_transforms(scaled.transforms_path)
+    assert [stack["intensity_scale"] for stack in record["stacks"]] == [1.0, 1.8]
+    assert record["settings"]["stack_intensity_scale"] == 1.8
+
+
+def test_bias_field_is_smooth_with_the_stated_amplitude(tmp_path):
+    volume, mask = cube_volume(100.0)
+    common = dict(n_stacks=2, in_plane=1.0, thickness=2.0, max_rotation_deg=0.0, max_translation_mm=0.0)
+    clean = simulate_stacks(volume, mask, tmp_path / "clean", noise=0.0, **common)
+    biased = simulate_stacks(volume, mask, tmp_path / "bias", noise=0.0, bias_field=0.3, **common)
+    # The mask's box (voxel centres), independently of the simulator.
+    kk, jj, ii = np.nonzero(sitk.GetArrayFromImage(mask))
+    box = _pixel_world(
+        mask, np.array([ii.min(), ii.max()]), np.array([jj.min(), jj.max()]), [kk.min(), kk.max()]
+    )
+    lo, hi = box.min(0), box.max(0)
+    fields = []
+    for s, record in enumerate(read_transforms(biased.transforms_path)["stacks"]):
+        parameters = record["bias_field"]
+        assert parameters["amplitude"] == 0.3
+        np.testing.assert_allclose(parameters["centre"], (lo + hi) / 2, atol=1e-9)
+        # Over a dense grid of the box the field spans at most 1 +/- 0.3 and reaches a bound.
+        grid = np.stack(np.meshgrid(*(np.linspace(a, b, 41) for a, b in zip(lo, hi, strict=True))), -1)
+        deviation = np.abs(bias_multiplier(grid.reshape(-1, 3), parameters) - 1.0).max()
+        assert 0.3 * 0.98 < deviation <= 0.3 + 1e-9
+        # Seen in the data: the ratio to the clean stack, a quadratic polynomial of the pixel position.
+        stack = sitk.ReadImage(biased.stack_paths[s])
+        ratio_image, clean_data = sitk.GetArrayFromImage(stack), _arrays(clean.stack_paths)[s]
+        k, j, i = np.nonzero(clean_data > 1.0)
+        ratio = ratio_image[k, j, i] / clean_data[k, j, i]
+        world = _pixel_world(stack, i, j, k)
+        u = (world - world.mean(0)) / 10.0
+        design = np.column_stack(
+            [np.ones(len(u)), u, u**2, u[:, 0] * u[:, 1], u[:, 0] * u[:, 2], u[:, 1] * u[:, 2]]
+        )
+        coefficients, *_ = np.linalg.lstsq(design, ratio, rcond=None)
+        assert np.abs(design @ coefficients - ratio).max() < 1e-4
+        inside = np.all((world >= lo) & (world <= hi), axis=1)
+        assert 0.2 < np.abs(ratio[inside] - 1.0).max() <= 0.3 + 1e-4
+        fields.append(ratio_image)
+    assert not np.allclose(fields[0], fields[1], rtol=0.05)  # a different field per stack
+
+
+def test_command_line_passes_the_outlier_options(tmp_path, smooth):
+    volume, mask = smooth
+    sitk.WriteImage(volume, str(tmp_path / "volume.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "simulate", "--volume", str(tmp_path / "volume.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+            "--output-dir", str(out), "--n-stacks", "2", "--in-plane", "2", "--replaced", "0.2",
+            "--blurred", "0.2", "--stack-intensity-scale", "1.8", "--bias-field", "0.25",
+            "--stack-misalignment-deg", "4", "--stack-misalignment-mm", "2", "--seed", "3",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    record = read_transforms(out / "transforms.json")
+    settings = record["settings"]
+    assert (settings["replaced"], settings["blurred"]) == (0.2, 0.2)
+    assert (settings["stack_intensity_scale"], settings["bias_field"], settings["seed"]) == (1.8, 0.25, 3)
+    assert (settings["stack_misalignment_deg"], settings["stack_misalignment_mm"]) == (4.0, 2.0)
+    assert record["stacks"][1]["intensity_scale"] == 1.8
+    assert all(stack["bias_field"]["amplitude"] == 0.25 for stack in record["stacks"])
+    assert any(sl["replaced"] for stack in record["stacks"] for sl in stack["slices"])

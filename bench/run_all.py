@@ -7,7 +7,7 @@ fails is taken as it stands on disk, so a partial run never loses the others' ta
 With --quick (a smoke test) every section and the assembled file go to bench/output/quick/
 instead, so that docs/ keeps the last real measurements.
 
-Usage: python bench/run_all.py [--quick] [--repeats N] [--only neighbours,reconstruction]
+Usage: python bench/run_all.py [--quick] [--repeats N] [--only neighbours,reconstruction,robustness]
        [--assemble-only] [-- flags for bench_reconstruction.py, e.g. --cases target,real]
 """
 
@@ -31,6 +31,8 @@ SCRIPTS = (
     ("neighbours", "bench_neighbours.py", ["--memory"]),
     ("forward", "bench_forward.py", []),
     ("reconstruction", "bench_reconstruction.py", []),
+    ("robustness", "bench_robustness.py", []),
+    ("real", "bench_real.py", []),
 )
 
 HEADER = """\

@@ -19,6 +19,8 @@ from pathlib import Path
 from . import params
 
 ENGINE_PACKAGE = "GaussianSVRLib"
+#: What the engine's --stack-masks takes for "this stack has no mask".
+NO_MASK = "none"
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,8 @@ def reconstruct_command(
     files: RunFiles,
     settings: Mapping[str, object],
 ) -> list[str]:
-    """The full worker command. Masks are passed only if every stack has one (the engine wants one
-    per stack or none; inputs.py writes a full mask for stacks without one)."""
+    """The full worker command. A stack without a mask gets the engine's NO_MASK placeholder (the
+    engine propagates the given masks to it)."""
     if not stacks:
         raise ValueError("no input stacks")
     command = [
@@ -128,9 +130,7 @@ def reconstruct_command(
     ]
     masks = [s.mask for s in stacks]
     if any(mask is not None for mask in masks):
-        if any(mask is None for mask in masks):
-            raise ValueError("either every stack has a mask or none")
-        command += ["--stack-masks", *(str(mask) for mask in masks)]
+        command += ["--stack-masks", *(NO_MASK if mask is None else str(mask) for mask in masks)]
     command += ["--thicknesses", *(repr(float(s.thickness)) for s in stacks)]
     command += [
         "--output-volume",

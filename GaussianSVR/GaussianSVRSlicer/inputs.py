@@ -2,8 +2,8 @@
 
 Stacks are written as uncompressed NRRD (exact double-precision geometry, fast); a parent linear
 transform is applied to the geometry (the engine sees what the user sees); a non-linear one is refused.
-A segmentation mask becomes a label map on its stack's grid; a stack without a mask gets a full mask
-when other stacks have one (the engine takes one mask per stack or none).
+A segmentation mask becomes a label map on its stack's grid; a stack without a mask gets none (the
+engine propagates the given masks to it).
 Uses only MRML, vtk, numpy and SimpleITK: it runs with the ``slicer-core`` wheel.
 """
 
@@ -111,29 +111,24 @@ def _segmentation_on_stack_grid(segmentation_node, stack_node) -> sitk.Image:
         scene.RemoveNode(labelmap)
 
 
-def full_mask(stack_image: sitk.Image) -> sitk.Image:
-    mask = sitk.Image(stack_image.GetSize(), sitk.sitkUInt8) + 1
-    mask.CopyInformation(stack_image)
-    return mask
-
-
 def export_stacks(stacks: Sequence[StackInput], folder: Path) -> list[StackFiles]:
     """Write the stacks (and masks) into ``folder``; the files the worker reads, in table order."""
     if not stacks:
         raise InputProblem("add at least one stack to the table and tick its Include box")
-    any_mask = any(stack.mask is not None for stack in stacks)
-    files = []
-    for index, stack in enumerate(stacks):
+    for stack in stacks:
         if stack.thickness <= 0:
             raise InputProblem(f"{stack.volume.GetName()}: the slice thickness must be positive")
+    if all(stack.mask is None for stack in stacks):
+        raise InputProblem("give a brain mask for at least one stack: it is propagated to the others")
+    files = []
+    for index, stack in enumerate(stacks):
         image = volume_to_image(stack.volume)
         image_path = folder / f"stack_{index:02d}.nrrd"
         write_image(image, image_path)
         mask_path = None
-        if any_mask:
-            mask = full_mask(image) if stack.mask is None else mask_to_image(stack.mask, stack.volume)
+        if stack.mask is not None:
             mask_path = folder / f"mask_{index:02d}.nrrd"
-            write_image(mask, mask_path)
+            write_image(mask_to_image(stack.mask, stack.volume), mask_path)
         files.append(StackFiles(image_path, mask_path, float(stack.thickness)))
     return files
 

@@ -61,3 +61,8 @@ def orthogonal_stacks(
             (values.reshape(n_slices, n_in_plane, n_in_plane).astype(np.float32) * 100.0, ijk_to_ras)
         )
     return stacks
+
+
+def head_mask(voxels: np.ndarray) -> np.ndarray:
+    """The phantom head's mask (uint8, same shape) on a stack's voxels: where there is signal."""
+    return (voxels > 0).astype(np.uint8)

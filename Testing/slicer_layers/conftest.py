@@ -31,6 +31,14 @@ def phantom_files(tmp_path: Path) -> list[Path]:
 
 
 @pytest.fixture
+def phantom_masks(phantom_files: list[Path]) -> list[Path | None]:
+    """A head mask for the first phantom stack only (the engine propagates it to the others)."""
+    voxels, ijk_to_ras = phantom.orthogonal_stacks(**TINY_PHANTOM)[0]
+    mask = write_stack(phantom.head_mask(voxels), ijk_to_ras, phantom_files[0].with_name("mask0.nii.gz"))
+    return [mask, *(None for _ in phantom_files[1:])]
+
+
+@pytest.fixture
 def scene():
     """A fresh MRML scene as ``slicer.mrmlScene`` (the slicer-core wheel has no application)."""
     import slicer

@@ -171,7 +171,9 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-def run_worker_without(blocked: set[str], stacks: list[Path], tmp_path: Path) -> list:
+def run_worker_without(
+    blocked: set[str], stacks: list[Path], masks: list[Path | None], tmp_path: Path
+) -> list:
     """The module's worker command on the tiny phantom, with ``blocked`` modules unimportable."""
     blocker = tmp_path / "blocker.py"
     blocker.write_text(BLOCKER.format(blocked=sorted(blocked)), encoding="utf-8")
@@ -180,7 +182,7 @@ def run_worker_without(blocked: set[str], stacks: list[Path], tmp_path: Path) ->
     files = command.RunFiles.in_folders(tmp_path / "out", tmp_path / "work", "recon")
     for folder in (files.volume.parent, files.preview_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    stack_files = [command.StackFiles(path, None, 4.0) for path in stacks]
+    stack_files = [command.StackFiles(path, mask, 4.0) for path, mask in zip(stacks, masks, strict=True)]
     args = command.reconstruct_command([sys.executable, str(blocker)], stack_files, files, settings)
     worker = WorkerProcess(args, env=command.worker_environment(os.environ, REPO), cwd=tmp_path)
     worker.start()
@@ -195,17 +197,17 @@ def run_worker_without(blocked: set[str], stacks: list[Path], tmp_path: Path) ->
     return events
 
 
-def test_the_worker_runs_with_only_the_required_packages(phantom_files, tmp_path):
+def test_the_worker_runs_with_only_the_required_packages(phantom_files, phantom_masks, tmp_path):
     blocked = {p.import_name for p in deps.PACKAGES if not p.required} | set(UNDECLARED)
-    events = run_worker_without(blocked, phantom_files, tmp_path)
+    events = run_worker_without(blocked, phantom_files, phantom_masks, tmp_path)
     log = [e.text for e in events if e.kind is not EventKind.MESSAGE and e.text]
     assert events[-1].returncode == 0, log[-20:]
     done = [e.message for e in events if e.kind is EventKind.MESSAGE and e.message["type"] == "done"]
     assert done and Path(done[0]["volume"]).is_file()
 
 
-def test_the_worker_fails_without_a_required_package(phantom_files, tmp_path):
-    events = run_worker_without({SCIPY.import_name}, phantom_files, tmp_path)
+def test_the_worker_fails_without_a_required_package(phantom_files, phantom_masks, tmp_path):
+    events = run_worker_without({SCIPY.import_name}, phantom_files, phantom_masks, tmp_path)
     assert events[-1].returncode != 0
     log = [e.text for e in events if e.kind is not EventKind.EXITED]
     assert any("ModuleNotFoundError" in line and "scipy" in line for line in log), log[-10:]

@@ -45,13 +45,14 @@ def test_reconstruct_command_lists_stacks_masks_thicknesses_and_outputs(tmp_path
     assert args[-len(params.engine_arguments(settings)) :] == params.engine_arguments(settings)
 
 
-def test_masks_are_passed_for_all_stacks_or_none(tmp_path):
+def test_stacks_without_a_mask_get_the_placeholder(tmp_path):
     settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
     unmasked = [command.StackFiles(Path("a.nrrd"), None, 3.0)]
     assert "--stack-masks" not in command.reconstruct_command(["py"], unmasked, files(tmp_path), settings)
     mixed = [*unmasked, command.StackFiles(Path("b.nrrd"), Path("m.nrrd"), 3.0)]
-    with pytest.raises(ValueError, match="every stack"):
-        command.reconstruct_command(["py"], mixed, files(tmp_path), settings)
+    args = command.reconstruct_command(["py"], mixed, files(tmp_path), settings)
+    masks = args[args.index("--stack-masks") + 1 :][:2]
+    assert masks == [command.NO_MASK, "m.nrrd"]
     with pytest.raises(ValueError, match="no input"):
         command.reconstruct_command(["py"], [], files(tmp_path), settings)
 

@@ -20,7 +20,9 @@ from slicer_helpers import REPO, TINY_ENGINE_ARGS
 from GaussianSVRLib import progress
 
 
-def engine_worker(stacks: list[Path], out: Path, iterations: int, grace_s: float = 20.0) -> WorkerProcess:
+def engine_worker(
+    stacks: list[Path], masks: list[Path | None], out: Path, iterations: int, grace_s: float = 20.0
+) -> WorkerProcess:
     files = command.RunFiles.in_folders(out, out, "recon")
     files.preview_dir.mkdir(parents=True, exist_ok=True)
     args = [
@@ -30,6 +32,8 @@ def engine_worker(stacks: list[Path], out: Path, iterations: int, grace_s: float
         "--stop-file", str(files.stop_file), "--progress", "json", "--iterations", str(iterations),
         *TINY_ENGINE_ARGS,
     ]  # fmt: skip
+    if any(masks):
+        args += ["--stack-masks", *(command.NO_MASK if mask is None else str(mask) for mask in masks)]
     env = command.worker_environment(os.environ, REPO)
     return WorkerProcess(args, env=env, cwd=out, stop_file=files.stop_file, grace_s=grace_s)
 
@@ -72,8 +76,8 @@ def gone(pid: int) -> bool:
 # -- the real engine --------------------------------------------------------------------------------
 
 
-def test_engine_run_reports_started_progress_checkpoints_and_done(phantom_files, tmp_path):
-    worker = engine_worker(phantom_files, tmp_path, iterations=5)
+def test_engine_run_reports_started_progress_checkpoints_and_done(phantom_files, phantom_masks, tmp_path):
+    worker = engine_worker(phantom_files, phantom_masks, tmp_path, iterations=5)
     worker.start()
     events = collect(worker, timeout_s=240)
     state = RunState()
@@ -102,8 +106,8 @@ def test_engine_run_reports_started_progress_checkpoints_and_done(phantom_files,
     assert not worker.running and worker.returncode == 0
 
 
-def test_engine_cancel_mid_run_writes_a_last_checkpoint_and_exits(phantom_files, tmp_path):
-    worker = engine_worker(phantom_files, tmp_path, iterations=20000)
+def test_engine_cancel_mid_run_writes_a_last_checkpoint_and_exits(phantom_files, phantom_masks, tmp_path):
+    worker = engine_worker(phantom_files, phantom_masks, tmp_path, iterations=20000)
     worker.start()
     events = collect(worker, timeout_s=240, until=lambda evs: len(messages(evs, "progress")) >= 2)
     assert worker.running
@@ -126,7 +130,7 @@ def test_engine_cancel_mid_run_writes_a_last_checkpoint_and_exits(phantom_files,
 
 
 def test_engine_bad_input_is_exit_code_2_with_an_error_message(tmp_path):
-    worker = engine_worker([tmp_path / "missing.nii.gz"], tmp_path, iterations=5)
+    worker = engine_worker([tmp_path / "missing.nii.gz"], [None], tmp_path, iterations=5)
     worker.start()
     events = collect(worker, timeout_s=120)
     state = RunState()

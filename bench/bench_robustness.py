@@ -1,0 +1,530 @@
+"""Benchmark of robustness (issue 4, items 1-3): large motion, outlier slices and bias fields.
+
+Three parts, all on the target case's geometry (GA28 atlas, 4 stacks, 0.8 mm in-plane, 3 mm
+slices, 2 % Rician noise) simulated with ``simulate.simulate_stacks``:
+
+- motion: a robustness curve, per-slice motion (±rotation per component, ±translation per axis)
+  and stack misalignment (rotation about a random axis, translation in a random direction) of
+  increasing amplitude, from none (the static case) to beyond the issue's ±8°/±4 mm + 15°/8 mm;
+- outliers: the target case (±5°/±3 mm) plus 5 % drop-out, 5 % replaced and 5 % blurred slices
+  per stack and a last stack 1.8 times brighter: detection precision and recall per kind, mean
+  weights, PSNR against the same case without outliers and against the static clean case, and
+  the estimated slice scale of the brighter stack;
+- bias: the target case with a bias field of amplitude 0.3 per stack, reconstructed with the
+  settings bias_correction "n4" (the default) and "none", and the clean target case with "none".
+
+The machinery is bench_reconstruction.py's: cases simulated once and cached (under
+bench/output/simulated/robustness/), every reconstruction in a fresh process (peak memory per
+run), --resume, ``--repeats`` runs per configuration with reconstruction seeds 0, 1, ... on the
+same simulated stacks, medians in the tables.
+
+Usage: python bench/bench_robustness.py [--quick] [--repeats 3] [--parts motion,outliers,bias]
+       [--motion-levels static,2-1,...] [--iterations N] [--preset standard] [--resume]
+       [--write docs/benchmarks_robustness.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_reconstruction as base  # noqa: E402
+
+from GaussianSVRLib import simulate  # noqa: E402
+from GaussianSVRLib.export import write_json  # noqa: E402
+from GaussianSVRLib.metrics import motion_errors  # noqa: E402
+from GaussianSVRLib.montage import write_montage  # noqa: E402
+from GaussianSVRLib.settings import preset  # noqa: E402
+
+ATLAS = "SB_GA28_operated"
+PREFIX = "robustness"
+DEFAULT_SECTION = base.ROOT / "docs" / "benchmarks_robustness.md"
+#: A slice whose rotation error exceeds this (degrees) counts as misregistered.
+LARGE_ROTATION_ERROR_DEG = 2.0
+OUTLIER_KINDS = ("dropout", "replaced", "blurred")
+
+
+@dataclass(frozen=True)
+class MotionLevel:
+    """One point of the robustness curve: per-slice motion and per-stack misalignment amplitudes."""
+
+    label: str
+    rotation_deg: float
+    translation_mm: float
+    stack_rotation_deg: float = 0.0
+    stack_translation_mm: float = 0.0
+
+    @property
+    def case(self) -> str:
+        if self.label in ("static", TARGET_LEVEL):
+            return {"static": "static", TARGET_LEVEL: "target"}[self.label]
+        return f"motion-{self.label}"
+
+
+TARGET_LEVEL = "5-3"
+MOTION_LEVELS = {
+    level.label: level
+    for level in (
+        MotionLevel("static", 0.0, 0.0),
+        MotionLevel("2-1", 2.0, 1.0),
+        MotionLevel(TARGET_LEVEL, 5.0, 3.0),
+        MotionLevel("5-3+5-3", 5.0, 3.0, 5.0, 3.0),
+        MotionLevel("8-4+10-5", 8.0, 4.0, 10.0, 5.0),
+        MotionLevel("8-4+15-8", 8.0, 4.0, 15.0, 8.0),
+        MotionLevel("10-5+20-10", 10.0, 5.0, 20.0, 10.0),
+    )
+}
+#: The issue's requirement for large motion: ±8°/±4 mm per slice on ±15°/±8 mm between stacks.
+ISSUE_LEVEL = "8-4+15-8"
+OUTLIERS = {"dropout": 0.05, "replaced": 0.05, "blurred": 0.05, "stack_intensity_scale": 1.8}
+BIAS_AMPLITUDE = 0.3
+
+
+def case_definitions() -> dict[str, base.Case]:
+    """Every case of this benchmark by short name (their folders: bench/output/robustness/<name>)."""
+
+    def case(name: str, summary: str, **changes: Any) -> tuple[str, base.Case]:
+        return name, base._simulated(f"{PREFIX}/{name}", summary, ATLAS, **changes)
+
+    cases = dict(
+        case(
+            level.case,
+            f"±{level.rotation_deg:g}°/±{level.translation_mm:g} mm per slice, stacks "
+            f"{level.stack_rotation_deg:g}°/{level.stack_translation_mm:g} mm",
+            max_rotation_deg=level.rotation_deg,
+            max_translation_mm=level.translation_mm,
+            stack_misalignment_deg=level.stack_rotation_deg,
+            stack_misalignment_mm=level.stack_translation_mm,
+        )
+        for level in MOTION_LEVELS.values()
+    )
+    cases.update(
+        [
+            case("outliers", "target + 5 % drop-out, replaced, blurred slices, last stack x1.8", **OUTLIERS),
+            case("bias", f"target + bias field of amplitude {BIAS_AMPLITUDE:g} per stack", bias_field=0.3),
+        ]
+    )
+    return cases
+
+
+CASES = case_definitions()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-run statistics against the simulation's truth.
+
+
+def slice_kind(truth: dict[str, Any], scaled_stacks: set[int]) -> str:
+    """The corruption of a true slice record: one of OUTLIER_KINDS, "scaled stack" or "clean"."""
+    for kind in OUTLIER_KINDS:
+        if truth.get(kind):
+            return kind
+    return "scaled stack" if truth["stack"] in scaled_stacks else "clean"
+
+
+def motion_statistics(slices: list[dict[str, Any]], truth: list[dict[str, Any]]) -> dict[str, float]:
+    """Median and 90th percentile of the slice motion errors, fraction of slices beyond 2°."""
+    rotation, translation = motion_errors(slices, truth)
+    return {
+        "rotation_error_deg": float(np.median(rotation)),
+        "rotation_error_p90_deg": float(np.percentile(rotation, 90)),
+        "translation_error_mm": float(np.median(translation)),
+        "translation_error_p90_mm": float(np.percentile(translation, 90)),
+        "large_rotation_error_fraction": float(np.mean(rotation > LARGE_ROTATION_ERROR_DEG)),
+    }
+
+
+def detection_statistics(
+    slices: list[dict[str, Any]], truth: list[dict[str, Any]], stack_scales: list[float]
+) -> dict[str, Any]:
+    """Detection of the simulated outliers by the report's exclusions, weights, and slice scales.
+
+    Per kind (dropout, replaced, blurred; "clean" and "scaled stack" for the uncorrupted slices):
+    count, excluded count, recall (excluded / count), mean weight, and precision against the
+    uncorrupted slices: excluded of this kind / (those + excluded uncorrupted slices), the
+    precision if only this kind were present. Overall: precision (corrupted among the excluded)
+    and recall (excluded among the corrupted). scale_ratio: median estimated scale of the scaled
+    stack's uncorrupted slices over that of the other stacks (truth: stack_scales' ratio).
+    """
+    scaled = {s for s, factor in enumerate(stack_scales) if factor != 1.0}
+    by_key = {(t["stack"], t["k"]): t for t in truth}
+    kinds = [slice_kind(by_key[(s["stack"], s["k"])], scaled) for s in slices]
+    excluded = np.array([s["excluded"] for s in slices])
+    weight = np.array([s["weight"] for s in slices])
+    corrupted = np.array([kind in OUTLIER_KINDS for kind in kinds])
+    false_positives = int((excluded & ~corrupted).sum())
+    stats: dict[str, Any] = {
+        "n_excluded": int(excluded.sum()),
+        "false_positives": false_positives,
+        "precision": float((excluded & corrupted).sum() / excluded.sum()) if excluded.any() else None,
+        "recall": float((excluded & corrupted).sum() / corrupted.sum()) if corrupted.any() else None,
+        "reasons": {},
+    }
+    for kind in (*OUTLIER_KINDS, "clean", "scaled stack"):
+        chosen = np.array([k == kind for k in kinds])
+        if not chosen.any():
+            continue
+        key = kind.replace(" ", "_")
+        hits = int((excluded & chosen).sum())
+        stats[f"n_{key}"] = int(chosen.sum())
+        stats[f"excluded_{key}"] = hits
+        stats[f"recall_{key}"] = hits / int(chosen.sum())
+        stats[f"mean_weight_{key}"] = float(weight[chosen].mean())
+        if kind in OUTLIER_KINDS:
+            stats[f"precision_{key}"] = hits / (hits + false_positives) if hits + false_positives else None
+        codes = [slices[i].get("reason_code") or "other" for i in np.nonzero(excluded & chosen)[0]]
+        stats["reasons"][kind] = {code: codes.count(code) for code in sorted(set(codes))}
+    if scaled and len(scaled) < len(stack_scales):
+        scales = np.array([s["scale"] for s in slices])
+        on_scaled = np.array([s["stack"] in scaled for s in slices]) & ~corrupted
+        others = ~np.array([s["stack"] in scaled for s in slices]) & ~corrupted
+        stats["scale_ratio"] = float(np.median(scales[on_scaled]) / np.median(scales[others]))
+        stats["scale_ratio_truth"] = float(
+            np.mean([stack_scales[s] for s in scaled])
+            / np.mean([f for s, f in enumerate(stack_scales) if s not in scaled])
+        )
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs: bench_reconstruction's Bench with this benchmark's cases and statistics.
+
+
+class RobustnessBench(base.Bench):
+    """Runs (case, settings overrides) configurations of CASES; see base.Bench."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.stack_scales: dict[str, list[float]] = {}
+
+    def case_record(self, name: str) -> dict[str, Any]:
+        if name not in self.cases:
+            case = CASES[name.removeprefix(f"{PREFIX}/")]
+            print(f"[{name}] preparing the case ...", flush=True)
+            data = self.data[name] = base.load_case(case)
+            transforms = simulate.read_transforms(base.OUTPUT / "simulated" / name / "transforms.json")
+            self.stack_scales[name] = [stack.get("intensity_scale", 1.0) for stack in transforms["stacks"]]
+            naive = simulate.naive_average(data.stacks, data.reference)
+            self.cases[name] = {
+                "definition": {"summary": case.summary, "atlas": case.atlas, "simulation": case.simulation},
+                "simulate_s": data.simulate_s,
+                "naive": base.quality(naive, data),
+                "stack_scales": self.stack_scales[name],
+                "variants": {},
+            }
+            print(f"[{name}] naive average PSNR {self.cases[name]['naive']['psnr']:.2f} dB", flush=True)
+        return self.cases[name]
+
+    def evaluate_run(self, name: str, label: str, run: dict[str, Any], spec: dict[str, Any]) -> None:
+        """Quality, motion errors (slices neither replaced nor blurred) and detection, into ``run``."""
+        data = self.data[name]
+        try:
+            image = sitk.ReadImage(spec["volume"])
+            report = json.loads(Path(spec["report"]).read_text())
+            run.update(base.quality(image, data))
+            slices = report["slices"]
+            by_key = {(t["stack"], t["k"]): t for t in data.truth}
+            posed = [
+                s
+                for s in slices
+                if not any(by_key[(s["stack"], s["k"])].get(k) for k in ("replaced", "blurred"))
+            ]
+            run.update(motion_statistics(posed, data.truth))
+            run.update(detection_statistics(slices, data.truth, self.stack_scales[name]))
+        except Exception as error:  # one bad run must not end an hour of benchmark
+            run["returncode"] = "evaluation failed"
+            run["log_tail"] = [f"{type(error).__name__}: {error}"]
+            return
+        run["timings"] = report["timings"]
+        if run["seed"] == 0:
+            title = f"{name.removeprefix(PREFIX + '/')} ({label}): PSNR {run['psnr']:.1f} dB"
+            write_montage(image, base.OUTPUT / name / f"montage_{label}.png", title=title)
+
+
+def run_case(bench: RobustnessBench, case: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Medians of one configuration (case short name, settings overrides)."""
+    return bench.variant(f"{PREFIX}/{case}", overrides or {}, bench.args.repeats)["median"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The markdown section.
+
+
+def _n(value: float | None, digits: int, signed: bool = False) -> str:
+    return base._number(value, digits, signed)
+
+
+def _failed(median: dict[str, Any]) -> str:
+    if median["n_ok"] == median["n_runs"]:
+        return ""
+    return f" ({median['n_runs'] - median['n_ok']} of {median['n_runs']} failed)"
+
+
+def motion_table(results: dict[str, Any]) -> list[str]:
+    cases = results["cases"]
+    target = cases.get(f"{PREFIX}/target", {}).get("variants", {}).get("default", {}).get("median", {})
+    lines = [
+        "| per slice (±°/±mm) | stacks (°/mm) | PSNR (dB) | ΔPSNR vs naive | ΔPSNR vs target | SSIM "
+        "| rot err median / p90 (°) | trans err median / p90 (mm) | slices > 2° | excluded | time (s) |",
+        "|---" * 11 + "|",
+    ]
+    for label in results["motion_levels"]:
+        level = MOTION_LEVELS[label]
+        record = cases[f"{PREFIX}/{level.case}"]
+        median = record["variants"]["default"]["median"]
+        first = f"±{level.rotation_deg:g} / ±{level.translation_mm:g}"
+        stacks = f"{level.stack_rotation_deg:g} / {level.stack_translation_mm:g}"
+        if median["n_ok"] == 0:
+            lines.append(f"| {first} | {stacks} | failed ({median['n_runs']} runs) |" + " |" * 8)
+            continue
+        versus_target = median["psnr"] - target["psnr"] if target.get("psnr") is not None else None
+        lines.append(
+            f"| {first}{_failed(median)} | {stacks} | {_n(median['psnr'], 2)} | "
+            f"{_n(median['psnr'] - record['naive']['psnr'], 2, True)} | {_n(versus_target, 2, True)} | "
+            f"{_n(median.get('ssim'), 3)} | {_n(median.get('rotation_error_deg'), 2)} / "
+            f"{_n(median.get('rotation_error_p90_deg'), 2)} | {_n(median.get('translation_error_mm'), 2)} / "
+            f"{_n(median.get('translation_error_p90_mm'), 2)} | "
+            f"{_n(100 * median['large_rotation_error_fraction'], 0)} % | "
+            f"{_n(median.get('n_excluded'), 0)} | {_n(median.get('wall_s'), 0)} |"
+        )
+    return lines
+
+
+def _run_row(label: str, median: dict[str, Any], versus: float | None) -> str:
+    if median["n_ok"] == 0:
+        return f"| {label} | failed ({median['n_runs']} runs) |" + " |" * 6
+    delta = None if versus is None else median["psnr"] - versus
+    return (
+        f"| {label}{_failed(median)} | {_n(median['psnr'], 2)} | {_n(delta, 2, True)} | "
+        f"{_n(median.get('ssim'), 3)} | {_n(median.get('rotation_error_deg'), 2)} | "
+        f"{_n(median.get('translation_error_mm'), 2)} | {_n(median.get('n_excluded'), 0)} | "
+        f"{_n(median.get('wall_s'), 0)} |"
+    )
+
+
+RUN_HEADER = [
+    "| run | PSNR (dB) | ΔPSNR vs {versus} | SSIM | rot err (°) | trans err (mm) | excluded | time (s) |",
+    "|---" * 8 + "|",
+]
+
+
+def outlier_tables(results: dict[str, Any]) -> list[str]:
+    cases = results["cases"]
+
+    def median(case: str) -> dict[str, Any]:
+        return cases[f"{PREFIX}/{case}"]["variants"]["default"]["median"]
+
+    clean, outliers, static = median("target"), median("outliers"), median("static")
+    versus = clean.get("psnr") if clean["n_ok"] else None
+    lines = [
+        *(line.format(versus="clean") for line in RUN_HEADER),
+        _run_row("static bound: no motion, no outliers", static, versus),
+        _run_row("clean: ±5°/±3 mm, no outliers", clean, versus),
+        _run_row("with outliers", outliers, versus),
+        "",
+    ]
+    if outliers["n_ok"] == 0:
+        return lines
+    lines += [
+        "| slices | count | excluded | recall | precision vs uncorrupted | mean weight |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in (*OUTLIER_KINDS, "clean", "scaled stack"):
+        key = kind.replace(" ", "_")
+        if f"n_{key}" not in outliers:
+            continue
+        name = {"clean": "uncorrupted, other stacks", "scaled stack": "uncorrupted, the x1.8 stack"}.get(
+            kind, kind
+        )
+        lines.append(
+            f"| {name} | {_n(outliers[f'n_{key}'], 0)} | {_n(outliers[f'excluded_{key}'], 0)} | "
+            f"{_n(outliers[f'recall_{key}'], 2)} | {_n(outliers.get(f'precision_{key}'), 2)} | "
+            f"{_n(outliers[f'mean_weight_{key}'], 2)} |"
+        )
+    runs = cases[f"{PREFIX}/outliers"]["variants"]["default"]["runs"]
+    reasons = next((run["reasons"] for run in runs if run["returncode"] == 0), {})
+    shown = "; ".join(
+        f"{kind}: " + ", ".join(f"{n} {code}" for code, n in codes.items())
+        for kind, codes in reasons.items()
+        if codes
+    )
+    lines += [
+        "",
+        f"All outliers: precision {_n(outliers.get('precision'), 2)}, recall "
+        f"{_n(outliers.get('recall'), 2)}; {_n(outliers.get('false_positives'), 0)} uncorrupted slices "
+        f"excluded (the clean run excluded {_n(clean.get('n_excluded'), 0)}). Reasons given for the "
+        f"exclusions (first run): {shown or 'none'}.",
+        "",
+        f"Slice intensity scale of the x{OUTLIERS['stack_intensity_scale']:g} stack over the others' "
+        f"(medians over uncorrupted slices): {_n(outliers.get('scale_ratio'), 3)} "
+        f"(truth {_n(outliers.get('scale_ratio_truth'), 3)}).",
+    ]
+    return lines
+
+
+def bias_table(results: dict[str, Any]) -> list[str]:
+    cases = results["cases"]
+    bias = cases[f"{PREFIX}/bias"]["variants"]
+    clean = cases[f"{PREFIX}/target"]["variants"]
+    reference = bias["bias_correction=none"]["median"]
+    versus = reference.get("psnr") if reference["n_ok"] else None
+    lines = [*(line.format(versus="bias, none") for line in RUN_HEADER)]
+    lines.append(_run_row(f"bias field {BIAS_AMPLITUDE:g}, bias_correction none", reference, versus))
+    lines.append(_run_row(f"bias field {BIAS_AMPLITUDE:g}, n4 (default)", bias["default"]["median"], versus))
+    lines.append(_run_row("no bias field, none", clean["bias_correction=none"]["median"], versus))
+    lines.append(_run_row("no bias field, n4 (default)", clean["default"]["median"], versus))
+    return lines
+
+
+def section(results: dict[str, Any]) -> str:
+    info, settings = results["machine"], results["settings"]
+    dirty = " + uncommitted changes" if info["uncommitted_changes"] else ""
+    lines = ["## Robustness: large motion, outlier slices, bias fields (`bench/bench_robustness.py`)", ""]
+    if results["quick"]:
+        lines += [
+            f"**Smoke test (`--quick`, {settings['iterations']} iterations): these numbers say the pipeline "
+            "runs, not how well it reconstructs.**",
+            "",
+        ]
+    lines += [
+        f"Measured {info['date']} at commit {info['commit']}{dirty} on {info['cpu']}, {info['nproc']} cores "
+        f"(torch {info['torch']}, {info['torch_threads']} threads); load average {info['load_start'][0]:.1f} "
+        f"at start, {results['load_end'][0]:.1f} at end; bench time {results['bench_s'] / 60:.0f} min.",
+        "",
+        f"Settings: preset `{results['preset']}` ({settings['iterations']} iterations, K = "
+        f"{settings['k_neighbours']}, PSF `{settings['psf_mode']}`, bias correction "
+        f"`{settings['bias_correction']}` unless stated). {base.repeats_phrase(results['repeats'])} on the "
+        "same simulated stacks per case.",
+        "",
+        "- Cases: the GA28 atlas (`SB_GA28_operated`), 4 stacks (axial, coronal, sagittal, axial",
+        "  shifted by half a slice), 0.8 mm in-plane, 3 mm slices, 2 % Rician noise, simulation seed 0",
+        "  (`simulate.simulate_stacks`); the same motion pattern scaled per level.",
+        "- PSNR, SSIM: `metrics.evaluate` against the atlas, inside its brain mask (rigid alignment,",
+        "  least-squares intensity fit); ΔPSNR vs naive: against the average of the stacks resampled",
+        "  onto the atlas grid (`simulate.naive_average`).",
+        "- Motion errors: `metrics.motion_errors` against the simulated transforms (global rigid frame",
+        "  removed), over the slices neither replaced nor blurred; median and 90th percentile over the",
+        f'  slices; "slices > 2°": fraction with a rotation error above {LARGE_ROTATION_ERROR_DEG:g}°.',
+        "- Time: wall clock of `reconstruct()` in a fresh process; the cores were shared (see the load).",
+        "",
+        "### Large motion (item 1)",
+        "",
+        "Per-slice motion: each rotation-vector component uniform in ±r°, each translation component in",
+        "±t mm. Stacks: each stack turned by exactly the stated angle about a random axis and moved by",
+        "the stated distance in a random direction. ΔPSNR vs target: against the ±5°/±3 mm case. The",
+        f"issue asks for ±8°/±4 mm per slice on 15°/8 mm between stacks (row {ISSUE_LEVEL}).",
+        "",
+        *motion_table(results),
+    ]
+    if "outliers" in results["parts"]:
+        lines += [
+            "",
+            "### Outlier slices (item 2)",
+            "",
+            "The ±5°/±3 mm case with, per stack, 5 % of its slices (rounded) with signal drop-out",
+            "(x0.05-0.3), 5 % replaced by the anatomy 8-20 mm along their normal, 5 % blurred by in-plane",
+            "motion during their acquisition (5-9 poses over 5-10° and 2-4 mm), and the last stack 1.8",
+            "times brighter; the slice motion is that of the clean case. A slice counts as detected when",
+            "the report marks it excluded. Precision vs uncorrupted: excluded slices of the kind / (those",
+            "+ excluded uncorrupted slices), as if only that kind were present; counts and weights are",
+            "medians over the runs. Static bound: the same geometry without motion or outliers, what the",
+            "reconstruction reaches when nothing goes wrong.",
+            "",
+            *outlier_tables(results),
+        ]
+    if "bias" in results["parts"]:
+        lines += [
+            "",
+            "### Bias field (item 3)",
+            "",
+            "The ±5°/±3 mm case with each stack multiplied, before the noise, by its own smooth field",
+            f"1 + {BIAS_AMPLITUDE:g} g(x) (g a random sum of linear and quadratic terms per world axis with",
+            "max |g| = 1 over the brain's bounding box; `simulate.bias_multiplier`); reconstructions with",
+            'the setting `bias_correction` "n4" (the default) and "none", and the clean case with "none".',
+            "",
+            *bias_table(results),
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parts = ("motion", "outliers", "bias")
+    parser.add_argument("--parts", default=",".join(parts), help=f"comma-separated, of: {', '.join(parts)}")
+    parser.add_argument(
+        "--motion-levels",
+        default=",".join(MOTION_LEVELS),
+        help=f"points of the curve, of: {', '.join(MOTION_LEVELS)} (per slice °-mm + stacks °-mm)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
+    parser.add_argument("--resume", action="store_true", help="reuse runs whose result.json matches")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smoke test: {base.QUICK_ITERATIONS} iterations per run"
+    )
+    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
+    parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
+    parser.add_argument(
+        "--write",
+        type=Path,
+        help="markdown section (default docs/benchmarks_robustness.md; --quick: bench/output/)",
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    chosen_parts = base.parse_list(args.parts, list(parts), "part")
+    levels = base.parse_list(args.motion_levels, list(MOTION_LEVELS), "motion level")
+    # The other parts compare with the target case, the outliers also with the static one.
+    needed = {TARGET_LEVEL} if "bias" in chosen_parts else set()
+    needed |= {"static", TARGET_LEVEL} if "outliers" in chosen_parts else set()
+    levels = [label for label in MOTION_LEVELS if label in {*levels, *needed}]
+    write = args.write or (base.OUTPUT / "benchmarks_robustness.md" if args.quick else DEFAULT_SECTION)
+
+    started = time.perf_counter()
+    info = base.machine(os.getloadavg())
+    bench = RobustnessBench(args)
+    for label in levels:
+        run_case(bench, MOTION_LEVELS[label].case)
+    if "outliers" in chosen_parts:
+        run_case(bench, "outliers")
+    if "bias" in chosen_parts:  # the default is n4: "none" is the variant
+        run_case(bench, "bias")
+        run_case(bench, "bias", {"bias_correction": "none"})
+        run_case(bench, "target", {"bias_correction": "none"})
+    results = {
+        "machine": info,
+        "load_end": os.getloadavg(),
+        "bench_s": time.perf_counter() - started,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "preset": args.preset,
+        "settings": preset(args.preset).updated(**bench.base).as_dict(),
+        "parts": chosen_parts,
+        "motion_levels": levels,
+        "cases": bench.cases,
+    }
+    write_json(results, base.OUTPUT / "robustness.json")
+    text = section(results)
+    base.write_text_atomically(write, text)
+    print("\n" + text)
+    print(f"wrote {write} and {base.OUTPUT / 'robustness.json'}")
+
+
+if __name__ == "__main__":
+    main()
