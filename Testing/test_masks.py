@@ -83,6 +83,16 @@ def test_prepare_masks_keeps_given_masks_and_fills_the_others(stacks) -> None:
     assert grown.mask.sum() > stacks[0].mask.sum() and (grown.mask | stacks[0].mask).sum() == grown.mask.sum()
 
 
+def test_a_mask_that_cuts_the_brain_is_restored_by_the_dilation_margin(stacks) -> None:
+    """A mask eroded by 2 mm (cutting the brain's edge) grown back by --mask-dilation 2.5."""
+    stack = stacks[0]
+    cut = ~dilate(~stack.mask, stack.spacing, 2.0)
+    assert (cut & stack.mask).sum() < 0.8 * stack.mask.sum()
+    restored = prepare_masks([replace(stack, mask=cut)], margin_mm=2.5)[0].mask
+    assert (restored & stack.mask).sum() > 0.97 * stack.mask.sum()
+    assert restored.sum() < 1.5 * stack.mask.sum()
+
+
 def test_no_mask_at_all_is_refused(stacks) -> None:
     with pytest.raises(InputError, match="no brain mask"):
         prepare_masks([unmasked(stack) for stack in stacks], margin_mm=0.0)
