@@ -394,9 +394,10 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is not None and outcome in (Outcome.DONE, Outcome.CANCELLED):
             p.outputVolume = run.output_volume
             p.gaussiansModel = run.gaussians_model
+        kept = self.logic.keepResults()
         if run.report is not None:
             names = [stack.volume.GetName() for stack in run.request.stacks]
-            self.ui.qcTextBrowser.setHtml(report.summary_html(run.report, names))
+            self.ui.qcTextBrowser.setHtml(report.summary_html(run.report, names, qc_picture=kept.get("qc")))
             self.ui.qcCollapsibleButton.collapsed = False
         elif outcome is not Outcome.DONE:
             self.ui.qcTextBrowser.setHtml(_("No report: the reconstruction did not finish."))
@@ -439,6 +440,16 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
         folder = Path(p.outputFolder) if p.saveToFolder else None
         if folder is not None and not folder.is_dir():
             raise InputProblem(_("The output folder {folder} does not exist.").format(folder=folder))
+        initGaussians = None
+        if p.continueFromLast:
+            initGaussians = self.keptPath("gaussians")
+            if not initGaussians.is_file():
+                raise InputProblem(
+                    _(
+                        "There is no earlier result to continue from: untick Continue, or run a "
+                        "reconstruction first."
+                    )
+                )
         return session.Request(
             stacks=stacks,
             settings={spec.name: getattr(p, spec.name) for spec in params.ENGINE_SETTINGS},
@@ -446,6 +457,7 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
             gaussians_model=p.gaussiansModel,
             output_folder=folder,
             glyphs=session.GlyphStyle(p.glyphScale, p.maxGlyphs, p.showGaussians),
+            init_gaussians=initGaussians,
         )
 
     def startReconstruction(self, p, request=None):
@@ -486,6 +498,24 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
         if self.session is not None:
             self.session.stop()
             self.removeWorkDir()
+
+    @staticmethod
+    def keptPath(kind: str) -> Path:
+        """Where the last run's Gaussians ("gaussians") and QC picture ("qc") are kept between runs."""
+        name = {"gaussians": "last_gaussians.npz", "qc": "last_qc.png"}[kind]
+        return Path(slicer.app.temporaryPath) / "GaussianSVR" / name
+
+    def keepResults(self) -> dict:
+        """Keep what outlives the finished run's work folder: the Gaussians to continue from and the
+        QC picture. Returns the kept paths by kind."""
+        kept = {}
+        run = self.session
+        if run is None or self.running:
+            return kept
+        for kind, source in (("gaussians", run.continuable_gaussians), ("qc", run.qc_picture)):
+            if source is not None:
+                kept[kind] = session.copy_atomically(source, self.keptPath(kind))
+        return kept
 
     def removeWorkDir(self) -> None:
         if self.session is not None and not self.running:

@@ -27,7 +27,8 @@ from scipy import ndimage
 from .geometry import rigid_to_slice_motion
 from .init import register_rigid
 from .motion import SliceMotion
-from .optimize import SliceTensors, final_fit, learning_rate_factor, neighbour_lists, predict
+from .optimize import final_fit, learning_rate_factor
+from .prediction import SliceTensors, neighbour_lists, predict
 from .psf import to_sym6
 from .stacks import IN_PLANE_FWHM_FACTOR, Stack, coarsen_slices, extract_slices
 from .volume import grid_covering, render

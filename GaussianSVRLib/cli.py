@@ -109,6 +109,13 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false", default=None)
     p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None)
     p.add_argument(
+        "--no-pose-search",
+        dest="pose_search",
+        action="store_false",
+        default=None,
+        help="do not re-try the pose of badly fitting slices from a grid of rotations",
+    )
+    p.add_argument(
         "--bias-correction",
         choices=("none", "n4"),
         default=None,
@@ -224,6 +231,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "psf_mode",
             "coarse_to_fine",
             "prealign",
+            "pose_search",
             "reference_stack",
             "checkpoint_interval_s",
             "output_resolution",

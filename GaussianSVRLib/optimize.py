@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -10,14 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import forward
 from .gaussians import GaussianField
 from .losses import scale_penalty, weighted_l1
 from .motion import SliceMotion
-from .neighbours import knn
-from .psf import psf_covariance, to_sym6
+from .pose_search import search_poses, slices_to_search
+from .prediction import SliceTensors, neighbour_lists, predict
 from .settings import Settings
-from .stacks import SliceSet
 
 #: Robust z-score below which a slice keeps full weight; weights fall linearly to 0 at outlier_z.
 FULL_WEIGHT_Z = 2.0
@@ -29,42 +28,17 @@ MIN_RELATIVE_SPREAD = 0.1
 #: Slices with fewer masked pixels than this are not judged (weight 1, never excluded): a handful of
 #: pixels at the brain's edge gives neither a meaningful residual nor a meaningful intensity scale.
 MIN_JUDGED_PIXELS = 50
+#: Fractions of the schedule at which badly fitting slices get a multi-start pose search (see
+#: pose_search.py), through the coarse stage and the fine stage until the learning rate decays; six
+#: searches recovered more slices than three at large motion (docs/benchmarks.md).
+POSE_SEARCH_AT = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65)
 #: Reason codes of excluded slices, with the plain-language words the report uses for them.
 REASON_WORDS = {"motion": "motion", "dropout": "signal drop-out", "intensity": "too bright"}
 #: Loss weight of an excluded slice: not zero, so that its motion gradient can be restored (see
 #: unweight_motion_gradients) while its pull on the Gaussians is negligible.
 EXCLUDED_LOSS_WEIGHT = 1e-3
 
-
-@dataclass
-class SliceTensors:
-    """A SliceSet on the device.
-
-    values (P,), positions (P, 3), slice_id (P,), axes (M, 3, 3), sigma (M, 3).
-    """
-
-    values: torch.Tensor
-    positions: torch.Tensor
-    slice_id: torch.Tensor
-    axes: torch.Tensor
-    sigma: torch.Tensor
-
-    @classmethod
-    def from_slices(cls, slices: SliceSet, scale: float, device: torch.device) -> SliceTensors:
-        def tensor(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
-
-        return cls(
-            values=tensor(slices.values / scale),
-            positions=tensor(slices.positions),
-            slice_id=tensor(slices.pixel_slice, torch.int64),
-            axes=tensor(slices.slice_axes),
-            sigma=tensor(slices.psf_sigma),
-        )
-
-    @property
-    def n_pixels(self) -> int:
-        return self.values.shape[0]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +49,8 @@ class SliceQuality:
     (M,) counts the pixels the slice was judged on. ncc (M,) is the normalized cross-correlation
     between each slice's observed and predicted pixels (NaN until the final pass), and predicted
     (P,) the final prediction of every fine-stage pixel, in the optimizer's intensity units (input /
-    intensity normalization), slice scale included; None when the run was cancelled.
+    intensity normalization), slice scale included; None when the run was cancelled. pose_moves
+    (M,) counts how often the pose search moved each slice.
     """
 
     residual: np.ndarray
@@ -86,6 +61,7 @@ class SliceQuality:
     n_pixels: np.ndarray | None = None
     ncc: np.ndarray | None = None
     predicted: np.ndarray | None = None
+    pose_moves: np.ndarray | None = None
 
 
 @dataclass
@@ -95,38 +71,6 @@ class Hooks:
     progress: Callable[[int, int, float, str, float], None] | None = None
     checkpoint: Callable[[int], None] | None = None
     should_stop: Callable[[], bool] | None = None
-
-
-def slice_psf(data: SliceTensors, rotations: torch.Tensor) -> torch.Tensor:
-    """World PSF covariances of all slices as 6-vectors (M, 6), turned with their motion."""
-    return to_sym6(psf_covariance(data.axes, data.sigma, rotations))
-
-
-def predict(
-    field_: GaussianField,
-    motion: SliceMotion,
-    data: SliceTensors,
-    index: torch.Tensor,
-    neighbours: torch.Tensor,
-    mode: str,
-) -> torch.Tensor:
-    """Predicted values (B,) of pixels index (B,) with their neighbour lists (B, K)."""
-    rotations = motion.rotations()
-    slice_id = data.slice_id[index]
-    points = motion.move(data.positions[index], slice_id, rotations)
-    psf6 = slice_psf(data, rotations).index_select(0, slice_id)
-    means, cov6, det, intensities = field_.packed()
-    values = forward.evaluate(points, neighbours, means, cov6, det, intensities, psf6, mode)
-    return values * motion.intensity_scale().index_select(0, slice_id)
-
-
-def neighbour_lists(
-    field_: GaussianField, motion: SliceMotion, data: SliceTensors, k: int, backend: str
-) -> torch.Tensor:
-    """(P, K) nearest Gaussians of every pixel at its current moved position."""
-    with torch.no_grad():
-        points = motion.move(data.positions, data.slice_id, motion.rotations())
-        return knn(field_.means.detach(), points, k, backend)
 
 
 def residual_z(residual: np.ndarray, n_pixels: np.ndarray, judged: np.ndarray) -> np.ndarray:
@@ -273,6 +217,46 @@ def unweight_motion_gradients(motion: SliceMotion, loss_weight: torch.Tensor) ->
             parameter.grad.mul_(factor.reshape(-1, *([1] * (parameter.grad.dim() - 1))))
 
 
+def pose_search(
+    field_: GaussianField,
+    motion: SliceMotion,
+    data: SliceTensors,
+    quality: SliceQuality,
+    settings: Settings,
+    optimizer: torch.optim.Optimizer,
+) -> np.ndarray:
+    """Run the multi-start pose search on the down-weighted slices; returns the moved slices (S,).
+
+    A moved slice loses its momentum (Adam's first moment), which points the way the slice was
+    heading from its old pose; the second moment stays, as the gradients' size does not change.
+    """
+    judged = quality.n_pixels >= MIN_JUDGED_PIXELS if quality.n_pixels is not None else None
+    if judged is None:
+        return np.zeros(0, dtype=np.int64)
+    # Slices excluded for their intensity are not misplaced: their pose is not the problem.
+    misplaced = np.array([code not in ("dropout", "intensity") for code in quality.reason_code])
+    slices = slices_to_search(quality.weight, quality.residual, judged & misplaced)
+    if len(slices) == 0:
+        return slices
+    result = search_poses(
+        field_, motion, data, slices, settings.k_neighbours, settings.neighbour_backend, settings.psf_mode
+    )
+    moved = result.slices[result.moved]
+    log.info(
+        "pose search: %d of %d badly fitting slices moved, median residual %.3f -> %.3f",
+        len(moved),
+        len(slices),
+        float(np.median(result.before)),
+        float(np.median(result.after)),
+    )
+    rows = torch.as_tensor(moved, dtype=torch.long, device=motion.rotvec.device)
+    for parameter in (motion.rotvec, motion.translation, motion.log_scale):
+        state = optimizer.state.get(parameter, {})
+        if "exp_avg" in state:
+            state["exp_avg"][rows] = 0.0
+    return moved
+
+
 def make_optimizer(field_: GaussianField, motion: SliceMotion, settings: Settings) -> torch.optim.Optimizer:
     groups = [
         {"params": [field_.means], "lr": settings.lr_means, "name": "means"},
@@ -324,6 +308,8 @@ def optimize(
     motion_start = int(settings.motion_start * total)
     m = motion.n
     quality = robust_weights(np.full(m, np.nan), np.ones(m), slice_stack, settings.outlier_z)
+    searches = [int(at * total) for at in POSE_SEARCH_AT] if settings.pose_search else []
+    pose_moves = np.zeros(m, dtype=np.int64)
     step = 0
     started = time.monotonic()
     for stage, steps in plan:
@@ -337,6 +323,7 @@ def optimize(
         neighbours = None
         for step_in_stage in range(steps):
             if hooks.should_stop is not None and hooks.should_stop():
+                quality.pose_moves = pose_moves
                 return quality
             if step_in_stage % settings.refresh_every == 0:
                 neighbours = neighbour_lists(
@@ -349,6 +336,14 @@ def optimize(
                     quality = robust_weights(residual, scale, slice_stack, settings.outlier_z, counts)
                     abs_error.zero_()
                     abs_value.zero_()
+                    if searches and step >= searches[0]:
+                        searches = [at for at in searches if at > step]
+                        moved = pose_search(field_, motion, data, quality, settings, optimizer)
+                        pose_moves[moved] += 1
+                        if len(moved):
+                            neighbours = neighbour_lists(
+                                field_, motion, data, settings.k_neighbours, settings.neighbour_backend
+                            )
             if cursor + settings.batch_pixels > data.n_pixels:
                 order = torch.randperm(data.n_pixels, generator=generator).to(device)
                 cursor = 0
@@ -392,5 +387,5 @@ def optimize(
     # absorbed (the scale learns slowly, so a deep drop-out can still be on its way down).
     scale = motion.intensity_scale().detach().cpu().numpy() * fit.level
     quality = robust_weights(fit.residual, scale, slice_stack, settings.outlier_z, pixels_per_slice(fine, m))
-    quality.ncc, quality.predicted = fit.ncc, fit.predicted
+    quality.ncc, quality.predicted, quality.pose_moves = fit.ncc, fit.predicted, pose_moves
     return quality

@@ -32,7 +32,8 @@ from .init import (
 from .masks import prepare_masks
 from .motion import SliceMotion, compose_rigid
 from .neighbours import knn
-from .optimize import Hooks, SliceQuality, SliceTensors, optimize
+from .optimize import Hooks, SliceQuality, optimize
+from .prediction import SliceTensors
 from .qc import write_qc_png
 from .report import build_report
 from .settings import Settings

@@ -112,6 +112,7 @@ def build_report(
             "reason_code": quality.reason_code[i] if quality.reason_code else None,
             "ncc": None if quality.ncc is None else finite_or_none(quality.ncc[i]),
             "n_pixels": None if quality.n_pixels is None else int(quality.n_pixels[i]),
+            "pose_moves": 0 if quality.pose_moves is None else int(quality.pose_moves[i]),
         }
         for i in range(slices.n_slices)
     ]

@@ -17,6 +17,8 @@ class Settings:
     "none"; n4 is the default because it was measured to help (docs/benchmarks.md).
     init_gaussians: an .npz of an earlier run (--output-gaussians) to continue from (warm start);
     a continued run has no coarse stage.
+    pose_search: re-try the pose of badly fitting slices at a grid of rotations a few times during
+    the schedule (pose_search.py), for slices that gradient descent leaves far off.
     """
 
     n_gaussians: int = 0
@@ -51,6 +53,7 @@ class Settings:
     mask_dilation_mm: float = 0.0
     bias_correction: str = "n4"
     init_gaussians: str | None = None
+    pose_search: bool = True
 
     def updated(self, **changes: object) -> Settings:
         """A copy with the given fields changed; unknown names raise TypeError."""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
+from GaussianSVRLib.export import load_gaussians, save_gaussians
+from GaussianSVRLib.geometry import apply_affine, image_affine
 from GaussianSVRLib.simulate import SimulationResult, simulate_stacks
 
 ATLAS = Path(__file__).resolve().parent.parent / "data" / "atlas"
+#: Gaussian standard deviation of phantom_gaussians as a fraction of the voxel size (the grid sums
+#: to a flat field).
+SIGMA_FRACTION = 0.6
 
 
 def phantom_image(spacing: float = 1.6) -> tuple[sitk.Image, sitk.Image]:
@@ -52,3 +59,22 @@ def phantom_stacks(tmp_path_factory: pytest.TempPathFactory, phantom) -> Simulat
         noise=0.01,
         seed=3,
     )
+
+
+@pytest.fixture(scope="session")
+def phantom_gaussians(phantom, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """The phantom as a perfect "reconstruction": one isotropic Gaussian per voxel of the brain mask
+    dilated by 2 voxels, amplitudes so that the mixture reproduces the voxel values, written and read
+    back like a run's --output-gaussians file."""
+    volume, mask = phantom
+    values = sitk.GetArrayFromImage(volume)
+    inside = ndimage.binary_dilation(sitk.GetArrayFromImage(mask) > 0, iterations=2)
+    kk, jj, ii = np.nonzero(inside)
+    spacing = volume.GetSpacing()[0]
+    sigma = SIGMA_FRACTION * spacing
+    means = apply_affine(image_affine(volume), np.stack([ii, jj, kk], -1).astype(np.float64))
+    covariances = np.broadcast_to(np.eye(3) * sigma**2, (len(means), 3, 3))
+    amplitude = (spacing / (np.sqrt(2.0 * np.pi) * sigma)) ** 3
+    path = tmp_path_factory.mktemp("phantom_gaussians") / "gaussians.npz"
+    save_gaussians(path, means, covariances, values[kk, jj, ii] * amplitude)
+    return load_gaussians(path)

@@ -1,8 +1,7 @@
 """Agreement of a stack with fixed Gaussians (agreement.py): registration, then slice NCC.
 
-The "reconstruction" is the phantom itself written as Gaussians (one per voxel of the dilated brain,
-isotropic, amplitudes so that the mixture reproduces the voxel values), saved and loaded like a
-run's --output-gaussians file: quality known, no optimizer run needed.
+The "reconstruction" is the phantom itself written as Gaussians (conftest's phantom_gaussians):
+quality known, no optimizer run needed.
 """
 
 from __future__ import annotations
@@ -10,32 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
 from GaussianSVRLib.agreement import AgreementSettings, stack_agreement
-from GaussianSVRLib.export import load_gaussians, save_gaussians
-from GaussianSVRLib.geometry import apply_affine, image_affine, rotvec_to_matrix_np
+from GaussianSVRLib.geometry import apply_affine, rotvec_to_matrix_np
 from GaussianSVRLib.simulate import read_truth, simulate_stacks
 from GaussianSVRLib.stacks import Stack, read_stack
 
 #: Fewer steps than the default: enough on the phantom, and the file stays fast.
 FAST = AgreementSettings(iterations=30, render_resolution=3.0)
-#: Gaussian standard deviation as a fraction of the voxel size (the grid sums to a flat field).
-SIGMA_FRACTION = 0.6
-
-
-def phantom_gaussians(volume: sitk.Image, mask: sitk.Image, path) -> dict[str, np.ndarray]:
-    """One Gaussian per voxel of the brain mask dilated by 2 voxels, written and read back as a file."""
-    values = sitk.GetArrayFromImage(volume)
-    inside = ndimage.binary_dilation(sitk.GetArrayFromImage(mask) > 0, iterations=2)
-    kk, jj, ii = np.nonzero(inside)
-    spacing = volume.GetSpacing()[0]
-    sigma = SIGMA_FRACTION * spacing
-    means = apply_affine(image_affine(volume), np.stack([ii, jj, kk], -1).astype(np.float64))
-    covariances = np.broadcast_to(np.eye(3) * sigma**2, (len(means), 3, 3))
-    amplitude = (spacing / (np.sqrt(2.0 * np.pi) * sigma)) ** 3
-    save_gaussians(path, means, covariances, values[kk, jj, ii] * amplitude)
-    return load_gaussians(path)
 
 
 def simulate_one(volume: sitk.Image, mask: sitk.Image, folder) -> tuple[Stack, str]:
@@ -56,10 +37,10 @@ def simulate_one(volume: sitk.Image, mask: sitk.Image, folder) -> tuple[Stack, s
 
 
 @pytest.fixture(scope="module")
-def scene(phantom, tmp_path_factory) -> dict[str, object]:
+def scene(phantom, phantom_gaussians, tmp_path_factory) -> dict[str, object]:
     volume, mask = phantom
     folder = tmp_path_factory.mktemp("agreement")
-    gaussians = phantom_gaussians(volume, mask, folder / "gaussians.npz")
+    gaussians = phantom_gaussians
     stack, transforms = simulate_one(volume, mask, folder / "same")
 
     def flipped(image: sitk.Image) -> sitk.Image:

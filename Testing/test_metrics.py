@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.geometry import kabsch, rotvec_to_matrix_np
-from GaussianSVRLib.metrics import evaluate, evaluate_files, masked_ssim, motion_errors
+from GaussianSVRLib.metrics import evaluate, evaluate_files, masked_ssim, motion_errors, orientation_errors
 
 SIZE = 48
 
@@ -215,6 +215,29 @@ def test_a_known_slice_perturbation_is_measured():
     assert translation_error[where] == pytest.approx(2.5, rel=0.05)
     others = np.delete(np.arange(len(truth)), where)
     assert rotation_error[others].max() < 0.3 and translation_error[others].max() < 0.3
+
+
+def test_orientation_errors_ignore_a_common_tilt_and_a_few_far_off_slices():
+    rng = np.random.default_rng(3)
+    truth = _truth(rng)
+    tilt = Rotation.from_rotvec(np.deg2rad(1.5) * np.array([0.0, 0.6, 0.8]))
+    # Every slice turned by the same 1.5 degrees about its own centre: positions stay, orientations tilt.
+    estimated = [
+        {**sl, "rotation": (tilt * Rotation.from_rotvec(sl["rotation"])).as_rotvec().tolist()} for sl in truth
+    ]
+    far = [3, 11, 20]
+    for i in far:
+        extra = Rotation.from_rotvec(np.deg2rad(15.0) * np.array([1.0, 0.0, 0.0]))
+        estimated[i] = {
+            **estimated[i],
+            "rotation": (extra * tilt * Rotation.from_rotvec(truth[i]["rotation"])).as_rotvec().tolist(),
+        }
+    coupled, _ = motion_errors(estimated, truth)
+    relative = orientation_errors(estimated, truth)
+    others = np.delete(np.arange(len(truth)), far)
+    assert np.median(coupled[others]) > 0.5  # the point fit leaves (part of) the tilt in every slice
+    assert relative[others].max() < 1e-6
+    assert relative[far] == pytest.approx(15.0, abs=1e-6)
 
 
 def test_unmatched_slices_are_refused():

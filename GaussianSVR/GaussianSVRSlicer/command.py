@@ -39,6 +39,7 @@ class RunFiles:
     volume: Path
     gaussians: Path  # the .vtp; the engine writes the .npz beside it
     report: Path
+    qc: Path  # the QC picture (PNG)
     preview_dir: Path
     stop_file: Path
 
@@ -53,6 +54,7 @@ class RunFiles:
             volume=output_dir / f"{base_name}.nii.gz",
             gaussians=output_dir / f"{base_name}_gaussians.vtp",
             report=output_dir / f"{base_name}_report.json",
+            qc=output_dir / f"{base_name}_qc.png",
             preview_dir=work_dir / "preview",
             stop_file=work_dir / "stop",
         )
@@ -115,9 +117,11 @@ def reconstruct_command(
     stacks: Sequence[StackFiles],
     files: RunFiles,
     settings: Mapping[str, object],
+    init_gaussians: Path | None = None,
 ) -> list[str]:
     """The full worker command. A stack without a mask gets the engine's NO_MASK placeholder (the
-    engine propagates the given masks to it)."""
+    engine propagates the given masks to it); init_gaussians is an earlier run's .npz to continue
+    from."""
     if not stacks:
         raise ValueError("no input stacks")
     command = [
@@ -139,6 +143,8 @@ def reconstruct_command(
         str(files.gaussians),
         "--output-json",
         str(files.report),
+        "--output-qc",
+        str(files.qc),
         "--preview-dir",
         str(files.preview_dir),
         "--stop-file",
@@ -146,4 +152,6 @@ def reconstruct_command(
         "--progress",
         "json",
     ]
+    if init_gaussians is not None:
+        command += ["--init-gaussians", str(init_gaussians)]
     return command + params.engine_arguments(settings)

@@ -37,6 +37,16 @@ class Device(enum.Enum):
         return {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA GPU"}[self.value]
 
 
+class BiasCorrection(enum.Enum):
+    """Intensity non-uniformity correction of the stacks (the engine's ``--bias-correction``)."""
+
+    N4 = "n4"
+    NONE = "none"
+
+    def label(self) -> str:
+        return {"n4": "N4 (before fitting)", "none": "None"}[self.value]
+
+
 @dataclass(frozen=True)
 class Setting:
     """One scalar parameter of the parameter node.
@@ -126,6 +136,35 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
         "--no-coarse-to-fine",
     ),
     Setting(
+        "poseSearch",
+        bool,
+        True,
+        "Re-try the position of badly fitting slices from a grid of rotations a few times during the "
+        "run: recovers slices that moved far (large fetal motion). A few seconds per search; turn "
+        "off only for nearly motion-free data.",
+        "--no-pose-search",
+    ),
+    Setting(
+        "maskDilation",
+        float,
+        0.0,
+        "Grow every mask by this margin in mm before reconstructing: use it when the masks cut off a "
+        "little brain. No effect on time.",
+        "--mask-dilation",
+        0.0,
+        20.0,
+        1,
+    ),
+    Setting(
+        "biasCorrection",
+        BiasCorrection,
+        BiasCorrection.N4,
+        "Correct slow intensity variations (coil shading) of each stack inside its mask before "
+        "fitting (N4, about 2 s per stack). Measured to help on shaded stacks and not to hurt on "
+        "others.",
+        "--bias-correction",
+    ),
+    Setting(
         "device",
         Device,
         Device.AUTO,
@@ -191,6 +230,17 @@ DISPLAY_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+RUN_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "continueFromLast",
+        bool,
+        False,
+        "Start from the last reconstruction's Gaussians and slice positions (finished or cancelled) "
+        "instead of from scratch: change a setting and continue. The stacks should be the same; "
+        "new stacks are registered in.",
+    ),
+)
+
 #: Node references of the parameter node: name -> MRML class.
 NODE_PARAMETERS: dict[str, str] = {
     "outputVolume": "vtkMRMLScalarVolumeNode",
@@ -212,7 +262,7 @@ PRESETS: dict[Preset, dict[str, object]] = {
 
 
 def all_settings() -> tuple[Setting, ...]:
-    return ENGINE_SETTINGS + DISPLAY_SETTINGS
+    return ENGINE_SETTINGS + RUN_SETTINGS + DISPLAY_SETTINGS
 
 
 def setting(name: str) -> Setting:
@@ -235,7 +285,7 @@ def engine_arguments(values: Mapping[str, object]) -> list[str]:
     for spec in ENGINE_SETTINGS:
         value = values[spec.name]
         if spec.kind is bool:
-            # The engine's flag switches coarse-to-fine off; it has no "on" flag.
+            # The engine's boolean flags switch a default-on feature off; there are no "on" flags.
             if not value:
                 arguments.append(spec.flag)
         elif isinstance(value, enum.Enum):

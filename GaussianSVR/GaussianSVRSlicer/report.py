@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from .run_state import format_duration
+
+#: Width (pixels) at which the QC picture is shown in the module panel.
+QC_PICTURE_WIDTH = 420
 
 
 def excluded_slices(report: Mapping[str, Any]) -> list[tuple[int, int, str]]:
@@ -28,8 +31,14 @@ def total_seconds(report: Mapping[str, Any]) -> float | None:
     return sum(values) if values else None
 
 
-def summary_html(report: Mapping[str, Any], stack_names: Sequence[str] = (), max_listed: int = 40) -> str:
-    """A short HTML summary: device and time, one row per stack, then the excluded slices and why.
+def summary_html(
+    report: Mapping[str, Any],
+    stack_names: Sequence[str] = (),
+    max_listed: int = 40,
+    qc_picture: Path | None = None,
+) -> str:
+    """A short HTML summary: device and time, one row per stack, the excluded slices and why, then
+    the engine's QC picture (slice weights and the rejected slices) if its path is given.
 
     ``stack_names`` (e.g. the volume nodes' names) replace the file names of the exported stacks.
     """
@@ -60,4 +69,10 @@ def summary_html(report: Mapping[str, Any], stack_names: Sequence[str] = (), max
         if len(excluded) > max_listed:
             items.append(f"<li>... and {len(excluded) - max_listed} more (see the JSON report)</li>")
         parts.append("<p>Excluded slices:</p><ul>" + "".join(items) + "</ul>")
+    if qc_picture is not None:
+        source = html.escape(Path(qc_picture).resolve().as_uri(), quote=True)
+        parts.append(
+            "<p>Slice weights per stack, and each rejected slice as observed | predicted:<br>"
+            f"<img src='{source}' width='{QC_PICTURE_WIDTH}'></p>"
+        )
     return "".join(parts)

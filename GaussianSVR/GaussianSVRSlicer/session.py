@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Request:
     output_name: str = "GaussianSVR reconstruction"
     output_folder: Path | None = None
     glyphs: GlyphStyle = field(default_factory=GlyphStyle)
+    init_gaussians: Path | None = None  # an earlier run's Gaussians (.npz) to continue from
 
 
 class ReconstructionSession:
@@ -105,7 +107,9 @@ class ReconstructionSession:
             Path(output_dir), self.work_dir, command.safe_file_name(self._output_name())
         )
         self.files.preview_dir.mkdir(parents=True, exist_ok=True)
-        args = command.reconstruct_command(self.python, stack_files, self.files, self.request.settings)
+        args = command.reconstruct_command(
+            self.python, stack_files, self.files, self.request.settings, self.request.init_gaussians
+        )
         engine_dir = command.find_engine_dir()
         log.info("GaussianSVR worker: %s", " ".join(args))
         self.worker = WorkerProcess(
@@ -159,6 +163,23 @@ class ReconstructionSession:
             for event in self.worker.poll():
                 self.state.handle(event)
             self._finalized = True
+
+    @property
+    def continuable_gaussians(self) -> Path | None:
+        """The Gaussians (.npz) a later run can continue from: the result of a finished run, or the
+        last checkpoint of a cancelled one; None if this run left none."""
+        source = None
+        if self.state.outcome is Outcome.DONE and self.files is not None:
+            source = self.files.gaussians_npz
+        elif self.state.outcome is Outcome.CANCELLED and self.state.checkpoint is not None:
+            source = Path(self.state.checkpoint.get("gaussians") or "")
+        return source if source is not None and source.is_file() else None
+
+    @property
+    def qc_picture(self) -> Path | None:
+        """The QC picture of a finished run, if the engine wrote one."""
+        path = self.state.done.get("qc") if self.state.outcome is Outcome.DONE else None
+        return Path(path) if path and Path(path).is_file() else None
 
     # -- scene updates --------------------------------------------------------------------------
 
@@ -245,6 +266,15 @@ class ReconstructionSession:
             self.changes.rollback()
             self.output_volume = self.request.output_volume
             self.gaussians_model = self.request.gaussians_model
+
+
+def copy_atomically(source: Path, destination: Path) -> Path:
+    """Copy source over destination through a temporary name (a reader never sees half a file)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f".{destination.name}.tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, destination)
+    return destination
 
 
 def _read_report(path: str | None) -> dict[str, Any] | None:

@@ -45,6 +45,38 @@ def test_reconstruct_command_lists_stacks_masks_thicknesses_and_outputs(tmp_path
     assert args[-len(params.engine_arguments(settings)) :] == params.engine_arguments(settings)
 
 
+def test_the_engine_parses_the_command_into_the_chosen_settings(tmp_path):
+    from GaussianSVRLib import cli
+
+    settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
+    settings.update(
+        poseSearch=False,
+        maskDilation=2.5,
+        biasCorrection=params.BiasCorrection.NONE,
+        coarseToFine=False,
+        device=params.Device.CPU,
+        seed=7,
+    )
+    stacks = [command.StackFiles(Path("a.nrrd"), Path("ma.nrrd"), 3.0)]
+    run_files = files(tmp_path)
+    args = command.reconstruct_command(["py"], stacks, run_files, settings, tmp_path / "last.npz")
+    parsed = cli.parser().parse_args(args[3:])
+    engine = cli.settings_from(parsed)
+    assert (engine.pose_search, engine.mask_dilation_mm, engine.bias_correction) == (False, 2.5, "none")
+    assert (engine.coarse_to_fine, engine.device, engine.seed) == (False, "cpu", 7)
+    assert engine.init_gaussians == str(tmp_path / "last.npz")
+    assert parsed.output_qc == str(run_files.qc) and run_files.qc.name == "Brain_01_qc.png"
+    defaults = cli.settings_from(
+        cli.parser().parse_args(
+            command.reconstruct_command(
+                ["py"], stacks, run_files, {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
+            )[3:]
+        )
+    )
+    assert (defaults.pose_search, defaults.mask_dilation_mm, defaults.bias_correction) == (True, 0.0, "n4")
+    assert defaults.init_gaussians is None
+
+
 def test_stacks_without_a_mask_get_the_placeholder(tmp_path):
     settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
     unmasked = [command.StackFiles(Path("a.nrrd"), None, 3.0)]

@@ -298,3 +298,27 @@ def test_the_module_imports_no_heavy_engine_module():
                 for alias in node.names:
                     assert alias.name.split(".")[0] not in {"torch", "faiss", "GaussianSVRLib"}, path
     assert REPO.is_dir()
+
+
+def test_the_qc_summary_shows_the_qc_picture_in_a_text_browser(tmp_path):
+    from GaussianSVRSlicer import report
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QColor, QImage, QTextDocument
+    from PySide6.QtWidgets import QTextBrowser
+
+    _app = QApplication.instance() or QApplication([])
+    picture = QImage(60, 30, QImage.Format.Format_RGB32)
+    picture.fill(QColor("red"))
+    path = tmp_path / "qc picture.png"  # a space: the source must be a proper file URL
+    assert picture.save(str(path))
+    browser = QTextBrowser()
+    browser.setHtml(report.summary_html({"stacks": [], "slices": []}, qc_picture=path))
+    browser.resize(600, 400)
+    browser.document().setTextWidth(580)
+    browser.document().size()  # lays the document out, which loads its images
+    source = QUrl(path.resolve().as_uri())
+    loaded = browser.document().resource(QTextDocument.ResourceType.ImageResource, source)
+    assert loaded is not None and not loaded.isNull()
+    assert (loaded.width(), loaded.height()) == (60, 30)
+    without = report.summary_html({"stacks": [], "slices": []})
+    assert "<img" not in without
