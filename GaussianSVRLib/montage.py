@@ -22,6 +22,9 @@ from .geometry import apply_affine, image_affine, on_grid
 
 #: Largest side of a montage panel in pixels.
 MAX_PANEL_PIXELS = 512
+#: Panels whose largest side is below this are enlarged by pixel replication (an integer factor,
+#: so every voxel stays a visible square) to be readable on screen.
+MIN_DISPLAY_PIXELS = 256
 #: Black columns between montage panels.
 MONTAGE_GAP = 4
 #: Montage field of view: the mask's (or the non-zero voxels') box plus this margin (mm) on every side.
@@ -153,17 +156,26 @@ def _title_banner(title: str, width: int) -> np.ndarray:
     return banner
 
 
+def display_factor(planes: tuple[np.ndarray, ...] | list[np.ndarray]) -> int:
+    """The integer enlargement write_montage applies to the planes (1 when the largest side of all
+    planes is at least MIN_DISPLAY_PIXELS)."""
+    largest = max(max(plane.shape) for plane in planes)
+    return max(1, math.ceil(MIN_DISPLAY_PIXELS / max(largest, 1)))
+
+
 def write_montage(
     image: sitk.Image, path: str | Path, *, mask: sitk.Image | None = None, title: str | None = None
 ) -> None:
     """Write a PNG (uint8) of the ``montage_planes`` side by side: axial, coronal, sagittal.
 
     Panels are top-aligned, MONTAGE_GAP black columns apart, intensities windowed to the 1st-99th
-    percentile of the image inside the mask (else of its non-zero voxels); a title, if given, is drawn
-    in a band above.
+    percentile of the image inside the mask (else of its non-zero voxels), enlarged by
+    ``display_factor``; a title, if given, is drawn in a band above.
     """
     low, high = _window(image, mask)
-    panels = [_to_uint8(plane, low, high) for plane in montage_planes(image, mask)]
+    planes = montage_planes(image, mask)
+    factor = display_factor(planes)
+    panels = [np.kron(_to_uint8(plane, low, high), np.ones((factor, factor), np.uint8)) for plane in planes]
     height = max(panel.shape[0] for panel in panels)
     width = sum(panel.shape[1] for panel in panels) + MONTAGE_GAP * (len(panels) - 1)
     canvas = np.zeros((height, width), dtype=np.uint8)

@@ -227,15 +227,15 @@ def pose_search(
 ) -> np.ndarray:
     """Run the multi-start pose search on the down-weighted slices; returns the moved slices (S,).
 
+    quality must come from robust_weights with pixel counts (as in the loop).
     A moved slice loses its momentum (Adam's first moment), which points the way the slice was
     heading from its old pose; the second moment stays, as the gradients' size does not change.
     """
-    judged = quality.n_pixels >= MIN_JUDGED_PIXELS if quality.n_pixels is not None else None
-    if judged is None:
-        return np.zeros(0, dtype=np.int64)
     # Slices excluded for their intensity are not misplaced: their pose is not the problem.
     misplaced = np.array([code not in ("dropout", "intensity") for code in quality.reason_code])
-    slices = slices_to_search(quality.weight, quality.residual, judged & misplaced)
+    slices = slices_to_search(
+        quality.weight, quality.residual, (quality.n_pixels >= MIN_JUDGED_PIXELS) & misplaced
+    )
     if len(slices) == 0:
         return slices
     result = search_poses(

@@ -91,10 +91,11 @@ def sample_pixels(
     return samples
 
 
-def virtual_slices(data: SliceTensors, slices: np.ndarray, copies: int) -> SliceTensors:
-    """copies virtual slices per slice (S,) on sampled pixels: virtual slice s * copies + r is a copy
-    of slices[s], with its sampled pixels, PSF axes and sigma."""
-    samples = sample_pixels(data.slice_id, slices)
+def virtual_slices(
+    data: SliceTensors, slices: np.ndarray, samples: list[torch.Tensor], copies: int
+) -> SliceTensors:
+    """copies virtual slices per slice (S,): virtual slice s * copies + r is a copy of slices[s], with
+    its sampled pixels (samples[s], indices into data), PSF axes and sigma."""
     index = torch.cat([pixels for pixels in samples for _ in range(copies)])
     counts = torch.tensor([len(pixels) for pixels in samples for _ in range(copies)], device=index.device)
     rows = torch.as_tensor(np.repeat(np.asarray(slices), copies), dtype=torch.long, device=index.device)
@@ -201,7 +202,8 @@ def search_poses(
     poses = candidate_poses(rotation, data.axes.index_select(0, rows).double(), deltas)  # (S, C, 3, 3)
     rotvecs = torch.as_tensor(matrix_to_rotvec(poses.cpu().numpy())).to(motion.rotvec)  # (S, C, 3)
 
-    everyone = virtual_slices(data, slices, c)
+    samples = sample_pixels(data.slice_id, slices)
+    everyone = virtual_slices(data, slices, samples, c)
     screened = SliceMotion(
         centres.repeat_interleave(c, 0), rotvecs.reshape(-1, 3), translation.repeat_interleave(c, 0)
     )
@@ -214,7 +216,7 @@ def search_poses(
     starts = scores.topk(min(REFINED_STARTS, c), dim=1, largest=False).indices  # (S, R)
     r = starts.shape[1]
 
-    chosen = virtual_slices(data, slices, r)
+    chosen = virtual_slices(data, slices, samples, r)
     refined = SliceMotion(
         centres.repeat_interleave(r, 0),
         rotvecs[torch.arange(s, device=device)[:, None], starts].reshape(-1, 3),

@@ -304,10 +304,15 @@ def read_png(path) -> np.ndarray:
 
 
 def png_panels(png: np.ndarray, planes) -> list[np.ndarray]:
+    """The panels of a montage PNG, each reduced back to its plane's pixels (one per enlarged block)."""
+    factor = montage.display_factor(planes)
     panels, column = [], 0
     for plane in planes:
-        panels.append(png[: plane.shape[0], column : column + plane.shape[1]])
-        column += plane.shape[1] + montage.MONTAGE_GAP
+        rows, columns = plane.shape[0] * factor, plane.shape[1] * factor
+        block = png[:rows, column : column + columns]
+        assert np.array_equal(block, np.kron(block[::factor, ::factor], np.ones((factor, factor), np.uint8)))
+        panels.append(block[::factor, ::factor])
+        column += columns + montage.MONTAGE_GAP
     assert column - montage.MONTAGE_GAP == png.shape[1]
     return panels
 
@@ -343,7 +348,9 @@ def test_montage_pixels_are_square_for_thick_slices(tmp_path):
     axial, coronal, sagittal = montage.montage_planes(image)
     assert axial.shape == (40, 40) and coronal.shape == (40, 40) and sagittal.shape == (40, 40)
     montage.write_montage(image, tmp_path / "m.png")
-    assert read_png(tmp_path / "m.png").shape == (40, 3 * 40 + 2 * montage.MONTAGE_GAP)
+    side = 40 * montage.display_factor((axial, coronal, sagittal))
+    assert side >= montage.MIN_DISPLAY_PIXELS  # small panels are enlarged to be readable
+    assert read_png(tmp_path / "m.png").shape == (side, 3 * side + 2 * montage.MONTAGE_GAP)
 
 
 def test_montage_is_capped_in_size():
