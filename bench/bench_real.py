@@ -12,8 +12,8 @@ b. leave-one-stack-out: each stack in turn is left out, the other five are recon
 In "n4" mode the stack checked for agreement is N4-corrected too (``bias.correct_bias``), as the
 reconstruction's own inputs were. Thicknesses come from the BIDS sidecars (3.0 mm).
 
-Every reconstruction runs in a fresh process (this script with --child), so its peak memory is its
-own (max RSS from os.wait4); wall and CPU time are those of ``reconstruct()`` in the child.
+Every reconstruction runs in a fresh process (bench_reconstruction's child), so its peak memory is
+its own (max RSS from os.wait4); wall and CPU time are those of ``reconstruct()`` in the child.
 ``--repeats`` runs per configuration (reconstruction seeds 0, 1, ...); tables give medians. Runs are
 kept under bench/output/real_stacks/runs/, raw numbers in bench/output/real_stacks.json, montages in
 bench/output/real_stacks/.
@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -49,7 +47,6 @@ from GaussianSVRLib.bias import correct_bias  # noqa: E402
 from GaussianSVRLib.export import load_gaussians, write_json  # noqa: E402
 from GaussianSVRLib.metrics import evaluate, rigid_align  # noqa: E402
 from GaussianSVRLib.montage import write_montage  # noqa: E402
-from GaussianSVRLib.reconstruct import Outputs, reconstruct  # noqa: E402
 from GaussianSVRLib.settings import preset  # noqa: E402
 from GaussianSVRLib.stacks import read_stack  # noqa: E402
 
@@ -82,54 +79,6 @@ def slice_normal(run: int) -> str:
     image = sitk.ReadImage(stack_paths(run)[0])
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
     return ("L-R", "A-P", "S-I")[int(np.argmax(np.abs(normal)))]
-
-
-# ---------------------------------------------------------------------------------------------
-# The child: one reconstruction in a fresh process, writing its volume, Gaussians and report.
-
-
-def child(spec_path: Path) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    spec = json.loads(spec_path.read_text())
-    settings = preset(spec["preset"]).updated(**spec["settings"])
-    started, cpu = time.perf_counter(), base.cpu_seconds()
-    result = reconstruct(
-        spec["stacks"],
-        spec["masks"],
-        None,
-        settings,
-        Outputs(volume=spec["volume"], gaussians=spec["gaussians"], report=spec["report"]),
-    )
-    record = {
-        "wall_s": time.perf_counter() - started,
-        "cpu_s": base.cpu_seconds() - cpu,
-        "n_gaussians_used": len(result.gaussians["means"]),
-    }
-    write_json(record, spec_path.with_name("result.json"))
-
-
-def run_child(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """One reconstruction in a fresh process: its return code, wall and CPU time, peak RSS (GB)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").unlink(missing_ok=True)
-    spec_path = folder / "spec.json"
-    write_json(spec, spec_path)
-    with open(folder / "log.txt", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-    record: dict[str, Any] = {
-        "returncode": os.waitstatus_to_exitcode(status),
-        "peak_memory_gb": usage.ru_maxrss * 1024 / 1e9,
-    }
-    if record["returncode"] == 0:
-        record.update(json.loads((folder / "result.json").read_text()))
-    else:
-        record["log_tail"] = (folder / "log.txt").read_text().splitlines()[-5:]
-    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +176,7 @@ class Bench:
         if self.args.resume and saved.exists() and json.loads(saved.read_text()).get("spec") == spec:
             record = json.loads(saved.read_text())["run"]
         else:
-            record = {"seed": seed, **run_child(spec, folder)}
+            record = {"seed": seed, **base.run_child(spec, folder)}
             if record["returncode"] == 0:
                 self.check(record, spec, bias, left_out, seed)
             write_json({"spec": spec, "run": record}, saved)
@@ -450,11 +399,7 @@ def main() -> None:
         type=Path,
         help="markdown section (default docs/benchmarks_real.md; with --quick, bench/output/)",
     )
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     modes = parse_choice(args.bias, list(BIAS_MODES), "bias correction")

@@ -147,7 +147,8 @@ def cpu_seconds() -> float:
 
 
 def child(spec_path: Path) -> None:
-    """Run reconstruct() as described by spec.json; write result.json beside it.
+    """Run reconstruct() as described by spec.json (preset, settings, stacks, masks, optional
+    thicknesses and gaussians, volume, report paths); write result.json beside it.
 
     result.json: wall and CPU seconds of reconstruct(), the Gaussian count it used and the seconds
     per optimizer step (first to last progress event, neighbour refreshes included).
@@ -165,9 +166,9 @@ def child(spec_path: Path) -> None:
     result = reconstruct(
         spec["stacks"],
         spec["masks"],
-        spec["thicknesses"],
+        spec.get("thicknesses"),
         settings,
-        Outputs(volume=spec["volume"], report=spec["report"]),
+        Outputs(volume=spec["volume"], gaussians=spec.get("gaussians"), report=spec["report"]),
         events=events,
     )
     record = {
