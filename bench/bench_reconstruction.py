@@ -318,17 +318,20 @@ def variant_label(overrides: dict[str, Any]) -> str:
 
 
 def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians of every numeric field over the successful runs, and how many there were."""
+    """Medians of every numeric field over the successful runs, and how many there were.
+
+    A field that is undefined in some runs (None, e.g. a precision with nothing excluded) takes the
+    median of the runs that define it.
+    """
+
+    def numeric(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
     good = [run for run in runs if run["returncode"] == 0]
     summary: dict[str, Any] = {"n_ok": len(good), "n_runs": len(runs)}
-    if good:
-        for key, value in good[0].items():
-            if (
-                isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and key not in ("returncode", "seed")
-            ):
-                summary[key] = statistics.median(run[key] for run in good if key in run)
+    keys = {key for run in good for key, value in run.items() if numeric(value)} - {"returncode", "seed"}
+    for key in sorted(keys):
+        summary[key] = statistics.median(run[key] for run in good if numeric(run.get(key)))
     return summary
 
 
