@@ -301,17 +301,18 @@ def agreement_table(results: dict[str, Any]) -> list[str]:
 def section(results: dict[str, Any]) -> str:
     info, settings, agreement = results["machine"], results["settings"], results["agreement"]
     dirty = " + uncommitted changes" if info["uncommitted_changes"] else ""
-    lines = ["## Real stacks: sub-01 against MIALSRTK, leave-one-stack-out, N4 (`bench/bench_real.py`)", ""]
-    if results["quick"]:
-        lines += [
-            f"**Smoke test (`--quick`, {settings['iterations']} iterations, {agreement['iterations']} "
-            "agreement steps): these numbers say the pipeline runs, not how well it reconstructs.**",
-            "",
-        ]
+    lines = base.section_heading(
+        "Real stacks: sub-01 against MIALSRTK, leave-one-stack-out, N4 (`bench/bench_real.py`)",
+        results["quick"],
+        f"{settings['iterations']} iterations, {agreement['iterations']} agreement steps",
+    )
+    # The deepest shell is open-ended: inf in memory, null once written to JSON.
     profile = ", ".join(
-        f"{shell['from_mm']:g}-{shell['to_mm']:g} mm: {shell['mean']:.0f}"
+        f"{shell['from_mm']:g}"
+        + ("+" if shell["to_mm"] is None or shell["to_mm"] == float("inf") else f"-{shell['to_mm']:g}")
+        + f" mm: {shell['mean']:.0f}"
         for shell in results["reference_profile"]
-    ).replace("-inf mm", "+ mm")
+    )
     lines += [
         f"Measured {info['date']} at commit {info['commit']}{dirty} on {info['cpu']}, {info['nproc']} cores "
         f"(torch {info['torch']}, {info['torch_threads']} threads, Python {info['python']}); load average "
@@ -385,19 +386,10 @@ def main() -> None:
     parser.add_argument(
         "--held-out", default=",".join(map(str, RUNS)), help="runs to leave out in turn (1-6), or none"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
-    parser.add_argument("--resume", action="store_true", help="reuse runs whose result.json matches")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke test: {base.QUICK_ITERATIONS} iterations, {QUICK_AGREEMENT_ITERATIONS} agreement steps",
-    )
-    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
-    parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
-    parser.add_argument(
-        "--write",
-        type=Path,
-        help="markdown section (default docs/benchmarks_real.md; with --quick, bench/output/)",
+    base.add_run_arguments(
+        parser,
+        DEFAULT_SECTION,
+        f"{base.QUICK_ITERATIONS} iterations, {QUICK_AGREEMENT_ITERATIONS} agreement steps",
     )
     args = parser.parse_args()
     if args.repeats < 1:

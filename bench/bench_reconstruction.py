@@ -546,13 +546,11 @@ def section(results: dict[str, Any]) -> str:
     info, settings = results["machine"], results["settings"]
     dirty = " + uncommitted changes" if info["uncommitted_changes"] else ""
     schedule = "on" if settings["coarse_to_fine"] else "off"
-    lines = ["## Whole reconstructions (`bench/bench_reconstruction.py`)", ""]
-    if results["quick"]:
-        lines += [
-            f"**Smoke test (`--quick`, {settings['iterations']} iterations): these numbers say the pipeline "
-            "runs, not how well it reconstructs.**",
-            "",
-        ]
+    lines = section_heading(
+        "Whole reconstructions (`bench/bench_reconstruction.py`)",
+        results["quick"],
+        f"{settings['iterations']} iterations",
+    )
     lines += [
         f"Measured {info['date']} at commit {info['commit']}{dirty} on {info['cpu']}, {info['nproc']} cores "
         f"(torch {info['torch']}, {info['torch_threads']} threads, Python {info['python']}); load average "
@@ -632,6 +630,37 @@ def section(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, section: Path, quick: str) -> None:
+    """The flags every whole-reconstruction benchmark shares: --repeats, --resume, --quick (doing
+    what ``quick`` says), --iterations, --preset, --write (default ``section``)."""
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse runs whose result.json matches their settings (a long benchmark can be resumed)",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {quick}")
+    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
+    parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
+    parser.add_argument(
+        "--write",
+        type=Path,
+        help=f"markdown section (default {section.relative_to(ROOT)}; with --quick, bench/output/)",
+    )
+
+
+def section_heading(title: str, quick: bool, what_quick_ran: str) -> list[str]:
+    """The section's heading, and under it the smoke-test warning when ``quick``."""
+    lines = [f"## {title}", ""]
+    if quick:
+        lines += [
+            f"**Smoke test (`--quick`, {what_quick_ran}): these numbers say the pipeline runs, not how "
+            "well it reconstructs.**",
+            "",
+        ]
+    return lines
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -662,23 +691,8 @@ def main() -> None:
         default=",".join(ABLATIONS),
         help=f"comma-separated, of: {', '.join(ABLATIONS)}; or none",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse runs whose result.json matches their settings (a long benchmark can be resumed)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"smoke test: {QUICK_ITERATIONS} iterations per run"
-    )
+    add_run_arguments(parser, DEFAULT_SECTION, f"{QUICK_ITERATIONS} iterations per run")
     parser.add_argument("--ablation-repeats", type=int, help="runs per ablation (default: --repeats)")
-    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
-    parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
-    parser.add_argument(
-        "--write",
-        type=Path,
-        help="markdown section (default docs/benchmarks_reconstruction.md; with --quick, bench/output/)",
-    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

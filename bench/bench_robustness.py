@@ -430,13 +430,11 @@ def bias_table(results: dict[str, Any]) -> list[str]:
 def section(results: dict[str, Any]) -> str:
     info, settings = results["machine"], results["settings"]
     dirty = " + uncommitted changes" if info["uncommitted_changes"] else ""
-    lines = ["## Robustness: large motion, outlier slices, bias fields (`bench/bench_robustness.py`)", ""]
-    if results["quick"]:
-        lines += [
-            f"**Smoke test (`--quick`, {settings['iterations']} iterations): these numbers say the pipeline "
-            "runs, not how well it reconstructs.**",
-            "",
-        ]
+    lines = base.section_heading(
+        "Robustness: large motion, outlier slices, bias fields (`bench/bench_robustness.py`)",
+        results["quick"],
+        f"{settings['iterations']} iterations",
+    )
     lines += [
         f"Measured {info['date']} at commit {info['commit']}{dirty} on {info['cpu']}, {info['nproc']} cores "
         f"(torch {info['torch']}, {info['torch_threads']} threads); load average {info['load_start'][0]:.1f} "
@@ -522,18 +520,7 @@ def main() -> None:
         default=",".join(MOTION_LEVELS),
         help=f"points of the curve, of: {', '.join(MOTION_LEVELS)} (per slice °-mm + stacks °-mm)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (seeds 0..n-1)")
-    parser.add_argument("--resume", action="store_true", help="reuse runs whose result.json matches")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"smoke test: {base.QUICK_ITERATIONS} iterations per run"
-    )
-    parser.add_argument("--iterations", type=int, help="override the preset's iterations")
-    parser.add_argument("--preset", default="standard", choices=("preview", "standard", "high"))
-    parser.add_argument(
-        "--write",
-        type=Path,
-        help="markdown section (default docs/benchmarks_robustness.md; --quick: bench/output/)",
-    )
+    base.add_run_arguments(parser, DEFAULT_SECTION, f"{base.QUICK_ITERATIONS} iterations per run")
     args = parser.parse_args()
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
