@@ -418,13 +418,9 @@ def main() -> None:
                 record["held_out"].setdefault(str(run), []).append(bench.run(bias, run, seed))
         results_modes[bias] = record
     results = {
-        "machine": info,
-        "load_end": os.getloadavg(),
-        "bench_s": time.perf_counter() - started,
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "preset": args.preset,
-        "settings": preset(args.preset).updated(**bench.base_settings).as_dict(),
+        **base.results_header(
+            info, started, args, preset(args.preset).updated(**bench.base_settings).as_dict()
+        ),
         "agreement": asdict(bench.agreement),
         "evaluation_erosion_mm": EVALUATION_EROSION_MM,
         "reference_profile": bench.profile,

@@ -649,6 +649,23 @@ def add_run_arguments(parser: argparse.ArgumentParser, section: Path, quick: str
     )
 
 
+def results_header(
+    info: dict[str, Any], started: float, args: argparse.Namespace, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """What every benchmark's results JSON starts with: the machine (``machine()`` at the start),
+    the load at the end, the bench's duration since ``started`` (perf_counter), the run flags and
+    the settings used."""
+    return {
+        "machine": info,
+        "load_end": os.getloadavg(),
+        "bench_s": time.perf_counter() - started,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "preset": args.preset,
+        "settings": settings,
+    }
+
+
 def section_heading(title: str, quick: bool, what_quick_ran: str) -> list[str]:
     """The section's heading, and under it the smoke-test warning when ``quick``."""
     lines = [f"## {title}", ""]
@@ -718,14 +735,8 @@ def main() -> None:
     # Cases in their canonical order, "target" first; ablations alone still show the target's row.
     ordered = {name: bench.cases[name] for name in CASES if name in bench.cases}
     results = {
-        "machine": info,
-        "load_end": os.getloadavg(),
-        "bench_s": time.perf_counter() - started,
-        "quick": args.quick,
-        "repeats": args.repeats,
+        **results_header(info, started, args, settings),
         "ablation_repeats": ablation_repeats,
-        "preset": args.preset,
-        "settings": settings,
         "targets": TARGETS,
         "real_mask_rule": f"MIALSRTK reference voxels > {REAL_MASK_FRACTION:g} x its 99th percentile",
         "ablations": ablations,

@@ -546,13 +546,7 @@ def main() -> None:
         run_case(bench, "bias", {"bias_correction": "none"})
         run_case(bench, "target", {"bias_correction": "none"})
     results = {
-        "machine": info,
-        "load_end": os.getloadavg(),
-        "bench_s": time.perf_counter() - started,
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "preset": args.preset,
-        "settings": preset(args.preset).updated(**bench.base).as_dict(),
+        **base.results_header(info, started, args, preset(args.preset).updated(**bench.base).as_dict()),
         "parts": chosen_parts,
         "motion_levels": levels,
         "cases": bench.cases,
