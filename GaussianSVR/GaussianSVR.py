@@ -41,7 +41,7 @@ from GaussianSVRSlicer.stack_table import Row, StackTable, same_rows  # noqa: E4
 
 #: Helper modules reloaded by the module's Reload button (leaves first: a module after those it imports).
 HELPER_MODULES = (
-    "GaussianSVRLib.progress",
+    "GaussianSVRLib.io.progress",
     "GaussianSVRSlicer.params",
     "GaussianSVRSlicer.command",
     "GaussianSVRSlicer.runner",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import InputError
-from .progress import Emitter
+from .io.progress import Emitter
 from .settings import PRESETS, Settings, preset
 
 EXIT_INPUT_ERROR = 2
@@ -299,7 +299,7 @@ class BarEvents:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .reconstruct import Outputs, reconstruct
+    from .pipeline import Outputs, reconstruct
 
     settings = settings_from(args)
     emitter = Emitter() if args.progress == "json" else None
@@ -324,7 +324,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         print("cancelled: no output written; the last preview is kept", file=sys.stderr)
         return EXIT_CANCELLED
     if args.progress != "json":
-        from .qc import summary_table
+        from .export.qc import summary_table
 
         print(summary_table(result.report))
         for key, path in result.paths.items():
@@ -334,8 +334,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from .simulate import simulate_stacks
-    from .stacks import read_image
+    from .io.stacks import read_image
+    from .sim.simulate import simulate_stacks
 
     result = simulate_stacks(
         read_image(args.volume, "volume"),
@@ -365,9 +365,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .export import write_json
-    from .metrics import evaluate
-    from .stacks import read_image
+    from .io.outputs import write_json
+    from .io.stacks import read_image
+    from .qa.metrics import evaluate
 
     metrics = evaluate(
         read_image(args.volume, "volume"),

@@ -8,14 +8,14 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .errors import InputError
-from .export import write_json
-from .metrics import evaluate
-from .montage import write_montage
-from .qc import summary_table
-from .reconstruct import Outputs, reconstruct
+from .export.montage import write_montage
+from .export.qc import summary_table
+from .io.outputs import write_json
+from .io.stacks import read_image
+from .pipeline import Outputs, reconstruct
+from .qa.metrics import evaluate
 from .settings import preset
-from .simulate import naive_average, simulate_stacks
-from .stacks import read_image
+from .sim.simulate import naive_average, simulate_stacks
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data"
 ATLAS = ("atlas/SB_GA28_operated_T2w.nii.gz", "atlas/SB_GA28_operated_brainmask.nii.gz")

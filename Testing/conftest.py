@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from GaussianSVRLib.export import load_gaussians, save_gaussians
 from GaussianSVRLib.geometry import apply_affine, image_affine
-from GaussianSVRLib.simulate import SimulationResult, simulate_stacks
+from GaussianSVRLib.io.gaussians_file import load_gaussians, save_gaussians
+from GaussianSVRLib.sim.simulate import SimulationResult, simulate_stacks
 
 ATLAS = Path(__file__).resolve().parent.parent / "data" / "atlas"
 #: Gaussian standard deviation of phantom_gaussians as a fraction of the voxel size (the grid sums

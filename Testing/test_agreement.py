@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from GaussianSVRLib.agreement import AgreementSettings, stack_agreement
 from GaussianSVRLib.geometry import apply_affine, rotvec_to_matrix_np
-from GaussianSVRLib.simulate import read_truth, simulate_stacks
-from GaussianSVRLib.stacks import Stack, read_stack
+from GaussianSVRLib.io.stacks import Stack, read_stack
+from GaussianSVRLib.qa.agreement import AgreementSettings, stack_agreement
+from GaussianSVRLib.sim.simulate import read_truth, simulate_stacks
 
 #: Fewer steps than the default: enough on the phantom, and the file stays fast.
 FAST = AgreementSettings(iterations=30, render_resolution=3.0)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from GaussianSVRLib.bias import correct_bias
+from GaussianSVRLib.fit.bias import correct_bias
 from GaussianSVRLib.geometry import apply_affine, rotvec_to_matrix_np
-from GaussianSVRLib.stacks import Stack
+from GaussianSVRLib.io.stacks import Stack
 
 TISSUES = {"background": 0.0, "white matter": 100.0, "cortex": 160.0, "ventricles": 260.0}
 
@@ -115,7 +115,7 @@ class Stop(Exception):
 @pytest.mark.parametrize("mode", ["none", "n4"])
 def test_pipeline_corrects_stacks_when_asked(phantom_stacks, monkeypatch, mode):
     """--bias-correction reaches the settings, and reconstruct() hands N4-corrected stacks on."""
-    from GaussianSVRLib import reconstruct as pipeline
+    from GaussianSVRLib import pipeline
     from GaussianSVRLib.cli import parser, settings_from
 
     args = parser().parse_args(

@@ -29,8 +29,8 @@ import SimpleITK as sitk
 import torch
 
 from GaussianSVRLib.cli import EXIT_INPUT_ERROR
-from GaussianSVRLib.progress import decode
-from GaussianSVRLib.simulate import SimulationResult
+from GaussianSVRLib.io.progress import decode
+from GaussianSVRLib.sim.simulate import SimulationResult
 
 REPO = Path(__file__).resolve().parents[1]
 #: Tiny settings, so that an error the engine fails to catch early still ends in seconds.

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
 from GaussianSVRLib.cli import EXIT_CANCELLED
-from GaussianSVRLib.simulate import SimulationResult
+from GaussianSVRLib.sim.simulate import SimulationResult
 
 REPO = Path(__file__).resolve().parents[1]
 #: Far more iterations than a test can wait for, and a preview after every iteration.

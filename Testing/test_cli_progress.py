@@ -22,8 +22,8 @@ import SimpleITK as sitk
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
 from GaussianSVRLib.cli import EXIT_CANCELLED
-from GaussianSVRLib.progress import PROTOCOL_VERSION, decode
-from GaussianSVRLib.simulate import SimulationResult
+from GaussianSVRLib.io.progress import PROTOCOL_VERSION, decode
+from GaussianSVRLib.sim.simulate import SimulationResult
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,10 @@ from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkFiltersCore import vtkPolyDataConnectivityFilter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
-from GaussianSVRLib import export, montage
 from GaussianSVRLib.errors import InputError
+from GaussianSVRLib.export import montage
 from GaussianSVRLib.geometry import apply_affine, image_affine
+from GaussianSVRLib.io import gaussians_file, outputs
 
 OBLIQUE = Rotation.from_rotvec([0.2, -0.4, 0.3]).as_matrix()
 # Columns: i -> inferior, j -> patient left, k -> anterior (a permutation with flips, det -1).
@@ -64,7 +65,7 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image, atol: float) -> None:
 @pytest.mark.parametrize("name, atol", [("out.nii.gz", 1e-5), ("out.nii", 1e-5), ("out.nrrd", 1e-9)])
 def test_image_round_trip_keeps_geometry_and_values(tmp_path, name, atol):
     image = make_image()
-    export.write_image(image, tmp_path / name)
+    outputs.write_image(image, tmp_path / name)
     assert listing(tmp_path) == [name]
     back = sitk.ReadImage(str(tmp_path / name))
     assert back.GetSize() == image.GetSize()
@@ -73,13 +74,13 @@ def test_image_round_trip_keeps_geometry_and_values(tmp_path, name, atol):
 
 
 def test_nii_gz_is_gzip_compressed(tmp_path):
-    export.write_image(make_image(), tmp_path / "out.nii.gz")
+    outputs.write_image(make_image(), tmp_path / "out.nii.gz")
     assert (tmp_path / "out.nii.gz").read_bytes()[:2] == b"\x1f\x8b"
 
 
 def test_two_file_formats_are_refused(tmp_path):
     with pytest.raises(InputError):
-        export.write_image(make_image(), tmp_path / "out.nhdr")
+        outputs.write_image(make_image(), tmp_path / "out.nhdr")
     assert listing(tmp_path) == []
 
 
@@ -87,7 +88,7 @@ def test_json_converts_nan_and_numpy(tmp_path):
     data = {"psnr": np.float32(31.5), "ssim": float("nan"), "loss": [1.0, float("inf"), -float("inf")]}
     data["weights"] = np.array([0.5, np.nan])
     data["iterations"] = np.int64(7)
-    export.write_json(data, tmp_path / "report.json")
+    outputs.write_json(data, tmp_path / "report.json")
     text = (tmp_path / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert text.startswith('{\n  "psnr"')
@@ -111,10 +112,10 @@ def gaussians(n=20, seed=1):
 
 
 WRITERS = {
-    "image": (lambda path: export.write_image(make_image(), path), "out.nii.gz"),
-    "json": (lambda path: export.write_json({"a": 1}, path), "out.json"),
-    "npz": (lambda path: export.save_gaussians(path, *gaussians()), "out.npz"),
-    "vtp": (lambda path: export.write_ellipsoids(path, *gaussians()), "out.vtp"),
+    "image": (lambda path: outputs.write_image(make_image(), path), "out.nii.gz"),
+    "json": (lambda path: outputs.write_json({"a": 1}, path), "out.json"),
+    "npz": (lambda path: gaussians_file.save_gaussians(path, *gaussians()), "out.npz"),
+    "vtp": (lambda path: gaussians_file.write_ellipsoids(path, *gaussians()), "out.vtp"),
     "png": (lambda path: montage.write_montage(make_image(), path), "out.png"),
 }
 
@@ -138,7 +139,7 @@ def test_failed_rename_removes_temporary_and_keeps_old_file(tmp_path, kind, monk
         assert os.path.exists(src) and os.path.dirname(src) == os.path.dirname(dst)
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", failing_replace)
+    monkeypatch.setattr(outputs.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path / name)
     assert listing(tmp_path) == [name]
@@ -151,11 +152,11 @@ def test_failed_rename_removes_temporary_and_keeps_old_file(tmp_path, kind, monk
 def test_gaussians_round_trip_with_extra_arrays(tmp_path):
     means, covariances, intensities = gaussians()
     rotations = np.arange(30, dtype=np.float64).reshape(10, 3)
-    export.save_gaussians(tmp_path / "g.npz", means, covariances, intensities, slice_rotvec=rotations)
+    gaussians_file.save_gaussians(tmp_path / "g.npz", means, covariances, intensities, slice_rotvec=rotations)
     assert listing(tmp_path) == ["g.npz"]
     with np.load(tmp_path / "g.npz") as raw:
         assert str(raw["space"]) == "LPS"
-    loaded = export.load_gaussians(tmp_path / "g.npz")
+    loaded = gaussians_file.load_gaussians(tmp_path / "g.npz")
     assert sorted(loaded) == ["covariances", "intensities", "means", "slice_rotvec"]
     for key, expected in [("means", means), ("covariances", covariances), ("intensities", intensities)]:
         assert loaded[key].dtype == expected.dtype
@@ -166,25 +167,25 @@ def test_gaussians_round_trip_with_extra_arrays(tmp_path):
 def test_save_gaussians_checks_shapes(tmp_path):
     means, covariances, intensities = gaussians()
     with pytest.raises(ValueError):
-        export.save_gaussians(tmp_path / "g.npz", means[:, :2], covariances, intensities)
+        gaussians_file.save_gaussians(tmp_path / "g.npz", means[:, :2], covariances, intensities)
     with pytest.raises(ValueError):
-        export.save_gaussians(tmp_path / "g.npz", means, covariances, intensities, space=np.zeros(1))
+        gaussians_file.save_gaussians(tmp_path / "g.npz", means, covariances, intensities, space=np.zeros(1))
     assert listing(tmp_path) == []
 
 
 def test_load_gaussians_reports_bad_files(tmp_path):
     with pytest.raises(InputError):
-        export.load_gaussians(tmp_path / "missing.npz")
+        gaussians_file.load_gaussians(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(InputError):
-        export.load_gaussians(tmp_path / "junk.npz")
+        gaussians_file.load_gaussians(tmp_path / "junk.npz")
     means, covariances, intensities = gaussians()
     np.savez(tmp_path / "ras.npz", means=means, covariances=covariances, intensities=intensities, space="RAS")
     with pytest.raises(InputError, match="RAS"):
-        export.load_gaussians(tmp_path / "ras.npz")
+        gaussians_file.load_gaussians(tmp_path / "ras.npz")
     np.savez(tmp_path / "partial.npz", means=means, space="LPS")
     with pytest.raises(InputError, match="covariances"):
-        export.load_gaussians(tmp_path / "partial.npz")
+        gaussians_file.load_gaussians(tmp_path / "partial.npz")
 
 
 # ---------------------------------------------------------------- glyph selection and ellipsoids
@@ -198,17 +199,17 @@ def test_select_glyphs_takes_largest_mass():
     # Neither intensity alone (3, 0) nor volume alone (2, 1) gives the two largest masses (1, 0).
     assert np.argsort(-mass)[:2].tolist() == [1, 0]
     means = np.zeros((4, 3))
-    assert export.select_glyphs(means, covariances, intensities, 1).tolist() == [1]
-    assert export.select_glyphs(means, covariances, intensities, 2).tolist() == [0, 1]
-    assert export.select_glyphs(means, covariances, intensities, 3).tolist() == [0, 1, 2]
-    assert export.select_glyphs(means, covariances, intensities, 10).tolist() == [0, 1, 2, 3]
-    assert export.select_glyphs(means, covariances, intensities, 0).tolist() == []
+    assert gaussians_file.select_glyphs(means, covariances, intensities, 1).tolist() == [1]
+    assert gaussians_file.select_glyphs(means, covariances, intensities, 2).tolist() == [0, 1]
+    assert gaussians_file.select_glyphs(means, covariances, intensities, 3).tolist() == [0, 1, 2]
+    assert gaussians_file.select_glyphs(means, covariances, intensities, 10).tolist() == [0, 1, 2, 3]
+    assert gaussians_file.select_glyphs(means, covariances, intensities, 0).tolist() == []
 
 
 def test_select_glyphs_puts_non_finite_last():
     covariances = np.stack([np.eye(3)] * 3)
     intensities = np.array([np.nan, 0.1, 0.2])
-    assert export.select_glyphs(np.zeros((3, 3)), covariances, intensities, 2).tolist() == [1, 2]
+    assert gaussians_file.select_glyphs(np.zeros((3, 3)), covariances, intensities, 2).tolist() == [1, 2]
 
 
 def read_vtp(path):
@@ -230,7 +231,7 @@ def glyph_pieces(polydata) -> int:
 def test_ellipsoid_file_holds_one_glyph_per_selected_gaussian(tmp_path, max_count):
     means, covariances, intensities = gaussians(n=20)
     means = means * 5.0  # far apart: no two glyphs touch
-    export.write_ellipsoids(tmp_path / "g.vtp", means, covariances, intensities, max_count=max_count)
+    gaussians_file.write_ellipsoids(tmp_path / "g.vtp", means, covariances, intensities, max_count=max_count)
     assert listing(tmp_path) == ["g.vtp"]
     polydata = read_vtp(tmp_path / "g.vtp")
     expected = min(20, max_count)
@@ -239,7 +240,7 @@ def test_ellipsoid_file_holds_one_glyph_per_selected_gaussian(tmp_path, max_coun
     assert glyph_pieces(polydata) == expected
     colours = vtk_to_numpy(polydata.GetPointData().GetScalars())
     assert polydata.GetPointData().GetScalars().GetName() == "intensity"
-    keep = export.select_glyphs(means, covariances, intensities, max_count)
+    keep = gaussians_file.select_glyphs(means, covariances, intensities, max_count)
     np.testing.assert_allclose(np.unique(colours), np.unique(intensities[keep]))
 
 
@@ -249,7 +250,7 @@ def test_ellipsoid_matches_rotated_anisotropic_gaussian(tmp_path):
     covariance = rotation @ np.diag(sigma**2) @ rotation.T
     mean = np.array([10.0, -5.0, 3.0])
     scale = 1.5
-    export.write_ellipsoids(
+    gaussians_file.write_ellipsoids(
         tmp_path / "g.vtp", mean[None], covariance[None], np.array([2.0]), scale=scale, resolution=41
     )
     points = vtk_to_numpy(read_vtp(tmp_path / "g.vtp").GetPoints().GetData()).astype(np.float64)
@@ -265,7 +266,7 @@ def test_ellipsoid_matches_rotated_anisotropic_gaussian(tmp_path):
 
 
 def test_ellipsoid_file_declares_lps(tmp_path):
-    export.write_ellipsoids(tmp_path / "g.vtp", *gaussians(n=3))
+    gaussians_file.write_ellipsoids(tmp_path / "g.vtp", *gaussians(n=3))
     space = read_vtp(tmp_path / "g.vtp").GetFieldData().GetAbstractArray("SPACE")
     assert space is not None and space.GetValue(0) == "LPS"
 
@@ -274,7 +275,7 @@ def test_slicer_loads_ellipsoids_in_place(tmp_path):
     import slicer  # slicer-core, a test dependency: real MRML without the application
 
     means, covariances, intensities = gaussians(n=4)
-    export.write_ellipsoids(tmp_path / "g.vtp", means, covariances, intensities)
+    gaussians_file.write_ellipsoids(tmp_path / "g.vtp", means, covariances, intensities)
     written = vtk_to_numpy(read_vtp(tmp_path / "g.vtp").GetPoints().GetData())
     scene = slicer.vtkMRMLScene()
     model = scene.AddNewNodeByClass("vtkMRMLModelNode")
@@ -289,8 +290,11 @@ def test_slicer_loads_ellipsoids_in_place(tmp_path):
 
 def test_ellipsoids_of_nothing_are_empty():
     means, covariances, intensities = gaussians(n=5)
-    assert export.ellipsoid_polydata(means, covariances, intensities, max_count=0).GetNumberOfPoints() == 0
-    empty = export.ellipsoid_polydata(np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros(0))
+    assert (
+        gaussians_file.ellipsoid_polydata(means, covariances, intensities, max_count=0).GetNumberOfPoints()
+        == 0
+    )
+    empty = gaussians_file.ellipsoid_polydata(np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros(0))
     assert empty.GetNumberOfPoints() == 0
 
 

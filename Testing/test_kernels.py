@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("numba")
 
-from GaussianSVRLib import forward, kernels  # noqa: E402
-from GaussianSVRLib.psf import from_sym6, to_sym6  # noqa: E402
+from GaussianSVRLib.model import forward, kernels  # noqa: E402
+from GaussianSVRLib.model.psf import from_sym6, to_sym6
 
 MODES = ("exact", "normalized", "none")
 INPUT_NAMES = ("points", "neighbours", "means", "cov6", "cov_det", "intensities", "psf6")
@@ -165,7 +165,7 @@ def test_bad_inputs_raise_instead_of_reading_out_of_bounds() -> None:
 
 def test_module_imports_and_reports_unavailable_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` fail
-    spec = importlib.util.spec_from_file_location("GaussianSVRLib._kernels_probe", kernels.__file__)
+    spec = importlib.util.spec_from_file_location("GaussianSVRLib.model._kernels_probe", kernels.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.available() is False

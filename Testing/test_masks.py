@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from GaussianSVRLib.errors import InputError
+from GaussianSVRLib.fit.mask_propagation import PROPAGATION_MARGIN_MM, dilate, prepare_masks, propagate
 from GaussianSVRLib.geometry import apply_affine
-from GaussianSVRLib.masks import PROPAGATION_MARGIN_MM, dilate, prepare_masks, propagate
-from GaussianSVRLib.metrics import evaluate
-from GaussianSVRLib.reconstruct import reconstruct
+from GaussianSVRLib.io.stacks import Stack, read_stack
+from GaussianSVRLib.pipeline import reconstruct
+from GaussianSVRLib.qa.metrics import evaluate
 from GaussianSVRLib.settings import Settings
-from GaussianSVRLib.simulate import naive_average
-from GaussianSVRLib.stacks import Stack, read_stack
+from GaussianSVRLib.sim.simulate import naive_average
 
 #: A wrong header translation (mm) of the stack without a mask.
 SHIFT_MM = [10.0, -8.0, 6.0]

@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.geometry import kabsch, rotvec_to_matrix_np
-from GaussianSVRLib.metrics import evaluate, evaluate_files, masked_ssim, motion_errors, orientation_errors
+from GaussianSVRLib.qa.metrics import evaluate, evaluate_files, masked_ssim, motion_errors, orientation_errors
 
 SIZE = 48
 

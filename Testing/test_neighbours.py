@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from GaussianSVRLib import neighbours
-from GaussianSVRLib.neighbours import BACKENDS, choose_backend, knn
+from GaussianSVRLib.model import neighbours
+from GaussianSVRLib.model.neighbours import BACKENDS, choose_backend, knn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_faiss_is_imported_lazily_and_keeps_torch_threads() -> None:
     code = (
         "import sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "from GaussianSVRLib.neighbours import knn\n"
+        "from GaussianSVRLib.model.neighbours import knn\n"
         "assert 'faiss' not in sys.modules, 'faiss imported with the module'\n"
         "knn(torch.rand(50, 3), torch.rand(5, 3), 3, backend='faiss')\n"
         "assert 'faiss' in sys.modules\n"

@@ -20,8 +20,9 @@ from GaussianSVRLib.geometry import (
     rigid_to_slice_motion,
     rotvec_to_matrix,
 )
-from GaussianSVRLib.motion import compose_rigid
-from GaussianSVRLib.stacks import extract_slices, psf_sigmas, read_stack, read_stacks
+from GaussianSVRLib.io.slices import extract_slices, psf_sigmas
+from GaussianSVRLib.io.stacks import read_stack, read_stacks
+from GaussianSVRLib.model.motion import compose_rigid
 
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
 

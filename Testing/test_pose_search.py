@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from GaussianSVRLib.agreement import frozen_gaussians
-from GaussianSVRLib.geometry import rotvec_to_matrix, rotvec_to_matrix_np
-from GaussianSVRLib.motion import SliceMotion
-from GaussianSVRLib.pose_search import (
+from GaussianSVRLib.fit.pose_search import (
     candidate_poses,
     candidate_rotations,
     fitted_residuals,
     search_poses,
     slices_to_search,
 )
-from GaussianSVRLib.prediction import SliceTensors
-from GaussianSVRLib.simulate import simulate_stacks
-from GaussianSVRLib.stacks import extract_slices, read_stack
+from GaussianSVRLib.fit.prediction import SliceTensors
+from GaussianSVRLib.geometry import rotvec_to_matrix, rotvec_to_matrix_np
+from GaussianSVRLib.io.slices import extract_slices
+from GaussianSVRLib.io.stacks import read_stack
+from GaussianSVRLib.model.motion import SliceMotion
+from GaussianSVRLib.qa.agreement import frozen_gaussians
+from GaussianSVRLib.sim.simulate import simulate_stacks
 
 
 def angle_deg(rotvec: np.ndarray) -> np.ndarray:

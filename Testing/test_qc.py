@@ -11,8 +11,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from GaussianSVRLib.errors import InputError
-from GaussianSVRLib.optimize import MIN_JUDGED_PIXELS, robust_weights
-from GaussianSVRLib.qc import (
+from GaussianSVRLib.export.qc import (
     BAR_COLOUR,
     FRAME,
     MARGIN,
@@ -28,10 +27,12 @@ from GaussianSVRLib.qc import (
     weight_strip,
     write_qc_png,
 )
-from GaussianSVRLib.reconstruct import Outputs, reconstruct
-from GaussianSVRLib.report import LOW_AGREEMENT, build_report, stack_verdict
+from GaussianSVRLib.export.report import LOW_AGREEMENT, build_report, stack_verdict
+from GaussianSVRLib.fit.optimize import MIN_JUDGED_PIXELS, robust_weights
+from GaussianSVRLib.io.slices import SliceSet, extract_slices
+from GaussianSVRLib.io.stacks import Stack, read_stacks
+from GaussianSVRLib.pipeline import Outputs, reconstruct
 from GaussianSVRLib.settings import Settings
-from GaussianSVRLib.stacks import SliceSet, Stack, extract_slices, read_stacks
 
 OUTLIER_Z = 3.5
 

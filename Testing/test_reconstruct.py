@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from GaussianSVRLib.metrics import evaluate, motion_errors
-from GaussianSVRLib.reconstruct import Outputs, reconstruct
+from GaussianSVRLib.pipeline import Outputs, reconstruct
+from GaussianSVRLib.qa.metrics import evaluate, motion_errors
 from GaussianSVRLib.settings import Settings
-from GaussianSVRLib.simulate import naive_average, read_truth, simulate_stacks
+from GaussianSVRLib.sim.simulate import naive_average, read_truth, simulate_stacks
 
 #: Required PSNR gain over the naive average of the resampled stacks (measured ~N dB on this phantom).
 MARGIN_DB = 2.0

@@ -14,8 +14,10 @@ from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib import cli
 from GaussianSVRLib.errors import InputError
-from GaussianSVRLib.metrics import motion_errors
-from GaussianSVRLib.simulate import (
+from GaussianSVRLib.io.slices import FWHM_TO_SIGMA, extract_slices
+from GaussianSVRLib.io.stacks import read_stacks
+from GaussianSVRLib.qa.metrics import motion_errors
+from GaussianSVRLib.sim.simulate import (
     bias_multiplier,
     naive_average,
     read_transforms,
@@ -23,7 +25,6 @@ from GaussianSVRLib.simulate import (
     sample_slices_psf,
     simulate_stacks,
 )
-from GaussianSVRLib.stacks import FWHM_TO_SIGMA, extract_slices, read_stacks
 
 ATLAS = Path("/work/shared/data/fetal-atlas-spina-bifida-cc0")
 SIZE, SPACING = 40, 1.0

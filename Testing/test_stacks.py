@@ -18,20 +18,10 @@ import SimpleITK as sitk
 
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.geometry import LPS_TO_RAS, image_affine
-from GaussianSVRLib.stacks import (
-    MAX_MASK_LABELS,
-    ORTHONORMAL_TOLERANCE,
-    PROBABILITY_THRESHOLD,
-    QFORM_SFORM_TOLERANCE,
-    Stack,
-    check_fields_of_view,
-    qform_affine,
-    read_nifti_header,
-    read_stack,
-    read_stacks,
-    sform_affine,
-    world_box,
-)
+from GaussianSVRLib.io.images import ORTHONORMAL_TOLERANCE
+from GaussianSVRLib.io.masks import MAX_MASK_LABELS, PROBABILITY_THRESHOLD
+from GaussianSVRLib.io.nifti import QFORM_SFORM_TOLERANCE, qform_affine, read_nifti_header, sform_affine
+from GaussianSVRLib.io.stacks import Stack, check_fields_of_view, read_stack, read_stacks, world_box
 
 SPACING = (1.2, 1.1, 2.4)
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
@@ -305,7 +295,7 @@ def test_a_stack_given_twice_is_refused(tmp_path: Path, caplog: pytest.LogCaptur
     assert error.path == spelled and error.problem == "stack is given twice (as stacks 1 and 3)"
     copy = tmp_path / "copy.nii.gz"
     shutil.copy(first, copy)
-    with caplog.at_level(logging.WARNING, logger="GaussianSVRLib.stacks"):
+    with caplog.at_level(logging.WARNING, logger="GaussianSVRLib.io.stacks"):
         assert len(read_stacks([str(first), str(second), str(copy)])) == 3  # a copy: only a warning
     assert [record.getMessage() for record in caplog.records] == [
         f"{copy}: stack is identical to {first}; its slices count twice"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from GaussianSVRLib import forward
 from GaussianSVRLib.errors import InputError
 from GaussianSVRLib.geometry import apply_affine, rotvec_to_matrix_np
-from GaussianSVRLib.volume import check_grid_fits, grid_covering, render
+from GaussianSVRLib.model import forward
+from GaussianSVRLib.model.volume import check_grid_fits, grid_covering, render
 
 
 def test_grid_covers_points_in_the_given_direction():

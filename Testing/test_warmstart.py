@@ -14,20 +14,21 @@ import SimpleITK as sitk
 import torch
 
 from GaussianSVRLib.cli import EXIT_INPUT_ERROR
-from GaussianSVRLib.export import load_gaussians, save_gaussians
-from GaussianSVRLib.gaussians import GaussianField
-from GaussianSVRLib.geometry import rotvec_to_matrix_np
-from GaussianSVRLib.metrics import evaluate
-from GaussianSVRLib.reconstruct import Outputs, reconstruct
-from GaussianSVRLib.settings import Settings
-from GaussianSVRLib.stacks import extract_slices, read_stacks
-from GaussianSVRLib.warmstart import (
+from GaussianSVRLib.fit.warmstart import (
     file_digest,
     initial_slice_state,
     read_saved,
     repivot,
     scales_and_quaternions,
 )
+from GaussianSVRLib.geometry import rotvec_to_matrix_np
+from GaussianSVRLib.io.gaussians_file import load_gaussians, save_gaussians
+from GaussianSVRLib.io.slices import extract_slices
+from GaussianSVRLib.io.stacks import read_stacks
+from GaussianSVRLib.model.gaussians import GaussianField
+from GaussianSVRLib.pipeline import Outputs, reconstruct
+from GaussianSVRLib.qa.metrics import evaluate
+from GaussianSVRLib.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Settings(

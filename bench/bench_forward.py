@@ -37,8 +37,8 @@ from scipy.spatial.transform import Rotation
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from GaussianSVRLib import forward, kernels  # noqa: E402
-from GaussianSVRLib.psf import to_sym6  # noqa: E402
+from GaussianSVRLib.model import forward, kernels
+from GaussianSVRLib.model.psf import to_sym6
 
 SEMI_AXES = np.array([50.0, 40.0, 35.0])
 PSF_SIGMA = np.array([1.2 * 0.8, 1.2 * 0.8, 3.0]) / 2.3548
@@ -51,7 +51,7 @@ import sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
 import torch
-from GaussianSVRLib import kernels
+from GaussianSVRLib.model import kernels
 g = torch.Generator().manual_seed(0)
 B, K, N = 256, 8, 64
 args = [torch.rand(B, 3, generator=g), torch.randint(0, N, (B, K), generator=g),

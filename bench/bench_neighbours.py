@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from GaussianSVRLib import neighbours  # noqa: E402
+from GaussianSVRLib.model import neighbours
 
 SEMI_AXES = np.array([50.0, 40.0, 35.0])
 PIXELS_PER_STACK = 150_000

@@ -40,15 +40,16 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_reconstruction as base  # noqa: E402
+import bench_reconstruction as base
 
-from GaussianSVRLib.agreement import AgreementSettings, stack_agreement  # noqa: E402
-from GaussianSVRLib.bias import correct_bias  # noqa: E402
-from GaussianSVRLib.export import load_gaussians, write_json  # noqa: E402
-from GaussianSVRLib.metrics import evaluate, rigid_align  # noqa: E402
-from GaussianSVRLib.montage import write_montage  # noqa: E402
-from GaussianSVRLib.settings import preset  # noqa: E402
-from GaussianSVRLib.stacks import read_stack  # noqa: E402
+from GaussianSVRLib.export.montage import write_montage
+from GaussianSVRLib.fit.bias import correct_bias
+from GaussianSVRLib.io.gaussians_file import load_gaussians
+from GaussianSVRLib.io.outputs import write_json
+from GaussianSVRLib.io.stacks import read_stack
+from GaussianSVRLib.qa.agreement import AgreementSettings, stack_agreement
+from GaussianSVRLib.qa.metrics import evaluate, rigid_align
+from GaussianSVRLib.settings import preset
 
 RUNS = tuple(range(1, 7))
 OUTPUT = base.OUTPUT / "real_stacks"

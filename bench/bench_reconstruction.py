@@ -42,12 +42,12 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from GaussianSVRLib import simulate  # noqa: E402
-from GaussianSVRLib.export import write_json  # noqa: E402
-from GaussianSVRLib.metrics import evaluate, motion_errors  # noqa: E402
-from GaussianSVRLib.montage import write_montage  # noqa: E402
-from GaussianSVRLib.reconstruct import Outputs, reconstruct  # noqa: E402
-from GaussianSVRLib.settings import preset  # noqa: E402
+from GaussianSVRLib.export.montage import write_montage
+from GaussianSVRLib.io.outputs import write_json
+from GaussianSVRLib.pipeline import Outputs, reconstruct
+from GaussianSVRLib.qa.metrics import evaluate, motion_errors
+from GaussianSVRLib.settings import preset
+from GaussianSVRLib.sim import simulate
 
 ATLAS_DIR = Path("/work/shared/data/fetal-atlas-spina-bifida-cc0")
 REAL_DIR = Path("/work/shared/data/fetal-raw-stacks-sub01-cc0")

@@ -39,13 +39,13 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_reconstruction as base  # noqa: E402
+import bench_reconstruction as base
 
-from GaussianSVRLib import simulate  # noqa: E402
-from GaussianSVRLib.export import write_json  # noqa: E402
-from GaussianSVRLib.metrics import motion_errors, orientation_errors  # noqa: E402
-from GaussianSVRLib.montage import write_montage  # noqa: E402
-from GaussianSVRLib.settings import preset  # noqa: E402
+from GaussianSVRLib.export.montage import write_montage
+from GaussianSVRLib.io.outputs import write_json
+from GaussianSVRLib.qa.metrics import motion_errors, orientation_errors
+from GaussianSVRLib.settings import preset
+from GaussianSVRLib.sim import simulate
 
 ATLAS = "SB_GA28_operated"
 PREFIX = "robustness"

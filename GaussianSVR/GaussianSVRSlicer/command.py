@@ -87,7 +87,7 @@ def find_engine_dir(module_dir: Path | None = None) -> Path:
 def ensure_engine_importable() -> Path:
     """Put the engine's folder on sys.path if it is not there (source tree layout); returns the folder.
 
-    The module imports only ``GaussianSVRLib.progress`` (plain Python) in Slicer's process.
+    The module imports only ``GaussianSVRLib.io.progress`` (plain Python) in Slicer's process.
     """
     engine_dir = find_engine_dir()
     if importlib.util.find_spec(ENGINE_PACKAGE) is None:

@@ -1,7 +1,7 @@
 """The engine's worker process: start it, read its output, cancel it, end its whole process tree.
 
 Pure Python (subprocess, threading, queue): nothing here touches Qt or MRML. Two reader threads
-turn the worker's stdout (JSON-lines protocol messages, GaussianSVRLib.progress) and stderr (log
+turn the worker's stdout (JSON-lines protocol messages, GaussianSVRLib.io.progress) and stderr (log
 text) into ``WorkerEvent``s on one queue; the GUI drains it with ``poll()`` from a timer on the main
 thread. The last event is always ``EXITED``, queued after every line the worker wrote.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from GaussianSVRLib import progress
+from GaussianSVRLib.io import progress
 
 #: Seconds a cancelled worker gets to write its last checkpoint and exit before its tree is killed.
 DEFAULT_GRACE_S = 10.0

@@ -144,7 +144,7 @@ def test_declared_minimums_are_the_engines():
 def engine_imports() -> set[str]:
     """Top-level names of every import in GaussianSVRLib, including those inside functions."""
     names: set[str] = set()
-    for path in (REPO / "GaussianSVRLib").glob("*.py"):
+    for path in (REPO / "GaussianSVRLib").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)

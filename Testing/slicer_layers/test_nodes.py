@@ -16,7 +16,7 @@ from GaussianSVRSlicer.run_state import Outcome
 from scipy.spatial.transform import Rotation
 from slicer_helpers import TINY_PHANTOM, TINY_SETTINGS
 
-from GaussianSVRLib import progress
+from GaussianSVRLib.io import progress
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

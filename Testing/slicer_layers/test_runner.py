@@ -17,7 +17,7 @@ from GaussianSVRSlicer.run_state import Outcome, RunState, Throttle, format_dura
 from GaussianSVRSlicer.runner import EventKind, WorkerProcess, classify_stdout_line
 from slicer_helpers import REPO, TINY_ENGINE_ARGS
 
-from GaussianSVRLib import progress
+from GaussianSVRLib.io import progress
 
 
 def engine_worker(

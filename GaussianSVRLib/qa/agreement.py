@@ -24,14 +24,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .geometry import rigid_to_slice_motion
-from .init import register_rigid
-from .motion import SliceMotion
-from .optimize import final_fit, learning_rate_factor
-from .prediction import SliceTensors, neighbour_lists, predict
-from .psf import to_sym6
-from .stacks import IN_PLANE_FWHM_FACTOR, Stack, coarsen_slices, extract_slices
-from .volume import grid_covering, render
+from ..fit.optimize import final_fit, learning_rate_factor
+from ..fit.prediction import SliceTensors, neighbour_lists, predict
+from ..fit.registration import register_rigid
+from ..geometry import rigid_to_slice_motion
+from ..io.slices import IN_PLANE_FWHM_FACTOR, coarsen_slices, extract_slices
+from ..io.stacks import Stack
+from ..model.motion import SliceMotion
+from ..model.psf import to_sym6
+from ..model.volume import grid_covering, render
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .geometry import set_image_geometry
-from .init import mask_image, register_rigid
-from .stacks import Stack
+from ..errors import InputError
+from ..geometry import set_image_geometry
+from ..io.stacks import Stack
+from .registration import mask_image, register_rigid
 
 log = logging.getLogger(__name__)
 

@@ -6,18 +6,22 @@ else it has to say goes to stderr. Every message carries ``"v": PROTOCOL_VERSION
 - ``started``:    ``device``, ``n_stacks``, ``n_slices``, ``n_pixels``, ``n_gaussians``, ``total``
 - ``progress``:   ``iter``, ``total``, ``loss``, ``eta_s``, ``elapsed_s``, ``stage``
 - ``checkpoint``: ``iter``, ``volume`` (path), ``gaussians`` (path of the .npz), ``ellipsoids`` (.vtp)
-- ``done``:       ``volume``, ``gaussians``, ``ellipsoids``, ``report``, ``qc`` (paths or null), ``elapsed_s``
+- ``done``:       ``cancelled``, ``volume``, ``gaussians``, ``ellipsoids``, ``report``, ``qc`` (paths or
+  null), ``elapsed_s``
 - ``error``:      ``message``
 
-A client must reject messages whose ``v`` differs from its own PROTOCOL_VERSION, and treat lines
-that are not JSON objects as log text. The worker stops between iterations when a line ``cancel``
-arrives on its stdin or when the file named by ``--stop-file`` appears.
+Numbers that are not finite (a diverging loss) are sent as null. A client must reject messages whose
+``v`` differs from its own PROTOCOL_VERSION, and treat lines that are not JSON objects as log text.
+The worker stops between iterations when a line ``cancel`` arrives on its stdin, when its stdin (a
+pipe) is closed, when the file named by ``--stop-file`` appears, or when its stdout is closed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 PROTOCOL_VERSION = 1
@@ -28,11 +32,23 @@ class ProtocolError(ValueError):
     """A line that claims to be a protocol message but is not a valid one."""
 
 
+def finite(value: Any) -> Any:
+    """The value with every non-finite float (NaN, infinities) replaced by None, in lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def encode(kind: str, **fields: Any) -> str:
-    """One protocol message as a single line of JSON (no trailing newline)."""
+    """One protocol message as a single line of JSON (no trailing newline); non-finite numbers are null."""
     if kind not in MESSAGE_TYPES:
         raise ValueError(f"unknown message type {kind!r}")
-    return json.dumps({"v": PROTOCOL_VERSION, "type": kind, **fields}, allow_nan=False, default=str)
+    message = finite({"v": PROTOCOL_VERSION, "type": kind, **fields})
+    return json.dumps(message, allow_nan=False, default=str)
 
 
 def decode(line: str) -> dict[str, Any] | None:
@@ -59,11 +75,21 @@ def decode(line: str) -> dict[str, Any] | None:
 
 
 class Emitter:
-    """Writes protocol messages to a stream (stdout by default), flushing each line."""
+    """Writes protocol messages to a stream (stdout by default), flushing each line. Never raises: once
+    the reader has gone (a closed pipe) it stops writing and calls ``on_closed`` once."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, on_closed: Callable[[], None] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
+        self.on_closed = on_closed
+        self.closed = False
 
     def __call__(self, kind: str, **fields: Any) -> None:
-        self.stream.write(encode(kind, **fields) + "\n")
-        self.stream.flush()
+        if self.closed:
+            return
+        try:
+            self.stream.write(encode(kind, **fields) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # BrokenPipeError, or a stream closed under us
+            self.closed = True
+            if self.on_closed is not None:
+                self.on_closed()

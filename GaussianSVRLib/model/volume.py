@@ -7,8 +7,8 @@ import os
 import numpy as np
 import torch
 
+from ..errors import InputError
 from . import forward
-from .errors import InputError
 from .neighbours import knn
 from .psf import to_sym6
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from .forward import NORMALIZATION_DELTA, PSF_MODES
+from .psf import NORMALIZATION_DELTA, PSF_MODES
 
 DET_FLOOR = 1e-12
 #: Columns of the per-Gaussian gradient buffer: means (3), cov6 (6), cov_det (1), intensities (1).

@@ -35,9 +35,8 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .errors import InputError
-from .export import write_image
-from .geometry import (
+from ..errors import InputError
+from ..geometry import (
     apply_affine,
     image_affine,
     matrix_to_rotvec,
@@ -45,7 +44,8 @@ from .geometry import (
     rotvec_to_matrix_np,
     set_image_geometry,
 )
-from .stacks import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
+from ..io.outputs import write_image
+from ..io.slices import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
 
 #: Stack orientations (columns = i, j, k axes in LPS world), cycled: axial, coronal, sagittal, axial.
 #: All are proper rotations; the fourth (axial again) is offset by half a slice spacing.

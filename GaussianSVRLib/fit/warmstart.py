@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from .errors import InputError
-from .export import load_gaussians
-from .gaussians import MIN_SCALE, GaussianField
-from .geometry import rigid_to_slice_motion, rotvec_to_matrix_np
-from .init import register_rigid
-from .motion import SliceMotion
-from .stacks import SliceSet, Stack
+from ..errors import InputError
+from ..geometry import rigid_to_slice_motion, rotvec_to_matrix_np
+from ..io.gaussians_file import load_gaussians
+from ..io.slices import SliceSet
+from ..io.stacks import Stack
+from ..model.gaussians import MIN_SCALE, GaussianField
+from ..model.motion import SliceMotion
+from .registration import register_rigid
 
 log = logging.getLogger(__name__)
 

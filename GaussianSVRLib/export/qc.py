@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .export import atomic_path
+from ..fit.quality import REASON_WORDS
+from ..io.outputs import atomic_path
+from ..io.slices import SliceSet
+from ..io.stacks import Stack
 from .montage import _title_banner
-from .optimize import REASON_WORDS
-from .stacks import SliceSet, Stack
 
 #: Width of the QC image in pixels.
 QC_WIDTH = 900

@@ -16,8 +16,8 @@ from dataclasses import replace
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import set_image_geometry
-from .stacks import Stack
+from ..geometry import set_image_geometry
+from ..io.stacks import Stack
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkRenderingCore import vtkTextProperty
 from vtkmodules.vtkRenderingFreeType import vtkFreeTypeTools
 
-from .export import atomic_path
-from .geometry import apply_affine, image_affine, on_grid
+from ..geometry import apply_affine, image_affine, on_grid
+from ..io.outputs import atomic_path
 
 #: Largest side of a montage panel in pixels.
 MAX_PANEL_PIXELS = 512

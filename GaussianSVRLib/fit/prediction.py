@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import forward
-from .gaussians import GaussianField
-from .motion import SliceMotion
-from .neighbours import knn
-from .psf import psf_covariance, to_sym6
-from .stacks import SliceSet
+from ..io.slices import SliceSet
+from ..model import forward
+from ..model.gaussians import GaussianField
+from ..model.motion import SliceMotion
+from ..model.neighbours import knn
+from ..model.psf import psf_covariance, to_sym6
 
 
 @dataclass

@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
-from .geometry import kabsch, on_grid, rotvec_to_matrix_np
-from .stacks import read_image
+from ..errors import InputError
+from ..geometry import kabsch, on_grid, rotvec_to_matrix_np
+from ..io.stacks import read_image
 
 #: SSIM Gaussian window (voxels) and truncation, as in Wang et al. 2004 (11-tap window at sigma 1.5).
 SSIM_SIGMA = 1.5

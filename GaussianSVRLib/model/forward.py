@@ -13,10 +13,8 @@ import os
 
 import torch
 
-from .psf import convolved_gaussian
-
-PSF_MODES = ("exact", "normalized", "none")
-NORMALIZATION_DELTA = 1e-6
+from . import kernels
+from .psf import NORMALIZATION_DELTA, convolved_gaussian
 
 
 def evaluate(
@@ -38,17 +36,13 @@ def evaluate(
     docs/benchmarks.md); elsewhere, plain torch.
     """
     if points.device.type == "cpu" and use_fused_kernel():
-        from .kernels import evaluate_fused
-
-        return evaluate_fused(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
+        return kernels.evaluate_fused(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
     return evaluate_torch(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
 
 
 def use_fused_kernel() -> bool:
     """The fused CPU kernel is used when numba is importable, unless GAUSSIANSVR_KERNEL=torch."""
-    from .kernels import available
-
-    return os.environ.get("GAUSSIANSVR_KERNEL", "fused") != "torch" and available()
+    return os.environ.get("GAUSSIANSVR_KERNEL", "fused") != "torch" and kernels.available()
 
 
 def evaluate_torch(

@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .optimize import MIN_JUDGED_PIXELS, REASON_WORDS, SliceQuality
-from .settings import Settings
-from .stacks import SliceSet, Stack
+from ..fit.optimize import MIN_JUDGED_PIXELS, SliceQuality
+from ..fit.quality import REASON_WORDS
+from ..io.slices import SliceSet
+from ..io.stacks import Stack
+from ..settings import Settings
 
 #: A stack losing more than this fraction of its slices gets a re-acquisition advice.
 REACQUIRE_FRACTION = 0.3

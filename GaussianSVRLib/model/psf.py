@@ -7,8 +7,15 @@ inversion, which is slow in plain torch.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
+from ..settings import PsfMode
+
+PSF_MODES: tuple[str, ...] = get_args(PsfMode)
+#: Added to the normalizer of the "normalized" mode, so that a pixel far from every Gaussian stays finite.
+NORMALIZATION_DELTA = 1e-6
 SYM6 = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 
 

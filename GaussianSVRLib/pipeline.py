@@ -14,32 +14,35 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, forward
-from .bias import correct_bias
+from . import __version__
 from .devices import choose_device
 from .errors import InputError
-from .export import save_gaussians, write_ellipsoids, write_image, write_json
-from .gaussians import GaussianField, transform_state
-from .geometry import kabsch, matrix_to_rotvec, set_image_geometry
-from .init import (
+from .export.qc import write_qc_png
+from .export.report import build_report
+from .fit.bias import correct_bias
+from .fit.initialize import (
     in_plane_gradient,
     initial_intensity_gain,
     initial_scales,
-    prealign,
     reference_index,
     sample_centres,
 )
-from .masks import prepare_masks
-from .motion import SliceMotion, compose_rigid
-from .neighbours import knn
-from .optimize import Hooks, SliceQuality, optimize
-from .prediction import SliceTensors
-from .qc import write_qc_png
-from .report import build_report
+from .fit.mask_propagation import prepare_masks
+from .fit.optimize import Hooks, SliceQuality, optimize
+from .fit.prediction import SliceTensors
+from .fit.registration import prealign
+from .fit.warmstart import warm_start, warm_start_arrays
+from .geometry import kabsch, matrix_to_rotvec, set_image_geometry
+from .io.gaussians_file import save_gaussians, write_ellipsoids
+from .io.outputs import write_image, write_json
+from .io.slices import SliceSet, coarsen_slices, extract_slices
+from .io.stacks import Stack, read_stacks
+from .model import forward
+from .model.gaussians import GaussianField, transform_state
+from .model.motion import SliceMotion, compose_rigid
+from .model.neighbours import knn
+from .model.volume import check_grid_fits, grid_covering, render
 from .settings import Settings
-from .stacks import SliceSet, Stack, coarsen_slices, extract_slices, read_stacks
-from .volume import check_grid_fits, grid_covering, render
-from .warmstart import warm_start, warm_start_arrays
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .geometry import quaternion_to_matrix
+from ..geometry import quaternion_to_matrix
 from .psf import to_sym6
 
 #: Scales are kept in [MIN_SCALE, MAX_SCALE] mm: smaller ones fit noise, larger ones blur everything.

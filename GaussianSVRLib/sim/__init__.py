@@ -1,0 +1,1 @@
+"""Simulated acquisitions: motion-corrupted stacks of thick slices from a high-resolution volume."""
