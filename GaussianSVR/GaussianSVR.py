@@ -401,13 +401,15 @@ class GaussianSVRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.qcCollapsibleButton.collapsed = False
         elif outcome is not Outcome.DONE:
             self.ui.qcTextBrowser.setHtml(_("No report: the reconstruction did not finish."))
+        workDir = run.clean_up()
         if outcome in (Outcome.FAILED, Outcome.BAD_INPUT):
             self.ui.logCollapsibleButton.collapsed = False
             slicer.util.errorDisplay(
-                _("The reconstruction failed; the scene is as it was before."),
+                _(
+                    "The reconstruction failed; the scene is as it was before. Its files are in {folder}."
+                ).format(folder=workDir),
                 detailedText=run.state.failure_details(),
             )
-        self.logic.removeWorkDir()
         self._updateApplyButton()
 
     def _log(self, text: str) -> None:
@@ -437,9 +439,7 @@ class GaussianSVRLogic(ScriptedLoadableModuleLogic):
             for i in range(n)
             if p.stacks[i] is not None and (i >= len(p.includeStacks) or p.includeStacks[i])
         ]
-        folder = Path(p.outputFolder) if p.saveToFolder else None
-        if folder is not None and not folder.is_dir():
-            raise InputProblem(_("The output folder {folder} does not exist.").format(folder=folder))
+        folder = session.output_folder(p.saveToFolder, p.outputFolder)
         initGaussians = None
         if p.continueFromLast:
             initGaussians = self.keptPath("gaussians")

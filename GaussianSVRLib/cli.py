@@ -1,8 +1,10 @@
 """The command line: gaussiansvr reconstruct | simulate | evaluate | demo.
 
 Flag names follow NeSVoR where it has one (--input-stacks, --stack-masks, --thicknesses,
---output-volume, --output-resolution, --n-iter is spelled --iterations here as the issue asks).
-Expected mistakes (InputError) print one line and exit with code 2; no traceback.
+--output-volume, --output-resolution); the reconstruction's own settings come from settings.py.
+Expected problems (InputError) print one line and exit with code 2, no traceback; a cancelled run
+(SIGINT, SIGTERM, a stop file, "cancel" or the end of a piped stdin, a closed stdout) exits with 130
+and writes no final output; anything else is a bug: its traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -11,48 +13,83 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
+import stat
 import sys
 import threading
+import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from .errors import InputError
 from .io.progress import Emitter
-from .settings import PRESETS, Settings, preset
+from .settings import PRESETS, PresetName, Settings, choices, options, preset, setting_type
 
+EXIT_OK = 0
+EXIT_CRASH = 1
 EXIT_INPUT_ERROR = 2
 EXIT_CANCELLED = 130
 
 log = logging.getLogger("gaussiansvr")
 
 
+def number(kind: type) -> Any:
+    """An argparse type: the text as an int or a float (ranges are judged by settings.check)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not {'an integer' if kind is int else 'a number'}: {text!r}"
+            ) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = number(float)(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = number(int)(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
-    return value
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting that has one (settings.py): its type, choices and help come from there.
+
+    Every default is None, so that only the flags given override the preset.
+    """
+    for name, spec in options().items():
+        if spec.flag is None:
+            continue
+        kind = setting_type(name)
+        unit = f" ({spec.unit})" if spec.unit else ""
+        default = getattr(Settings(), name)
+        shown = f"; default {default}" if default is not None and kind is not bool else ""
+        if kind is bool:
+            parser.add_argument(spec.flag, dest=name, action="store_false", default=None, help=spec.help)
+        elif choices(name):
+            parser.add_argument(
+                spec.flag, dest=name, choices=choices(name), default=None, help=spec.help + shown
+            )
+        else:
+            parser.add_argument(
+                spec.flag,
+                dest=name,
+                type=str if kind is str else number(kind),
+                default=None,
+                metavar=spec.metavar,
+                help=spec.help + unit + shown,
+            )
 
 
 def add_reconstruct(sub: argparse._SubParsersAction) -> None:
@@ -72,71 +109,14 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
         help="slice thickness (mm) per stack, or one for all; default: BIDS sidecar, else spacing",
     )
     p.add_argument("--output-volume", required=True, metavar="V", help="output volume (.nii.gz, .nrrd, ...)")
-    p.add_argument(
-        "--output-resolution",
-        type=positive_float,
-        default=None,
-        metavar="R",
-        help="isotropic output voxel size in mm (default 0.8)",
-    )
     p.add_argument("--output-gaussians", metavar="G", help="Gaussians: writes G.npz and G.vtp (ellipsoids)")
     p.add_argument("--output-json", metavar="J", help="JSON report: settings, timings, per-slice QC")
     p.add_argument(
         "--output-qc", metavar="PNG", help="quality-control image: slice weights and the rejected slices"
     )
     p.add_argument("--preview-dir", metavar="D", help="folder for live previews (checkpoints)")
-    p.add_argument(
-        "--init-gaussians",
-        metavar="G",
-        default=None,
-        help="continue from an earlier run's Gaussians and slice transforms: its --output-gaussians "
-        "G.npz or a preview_gaussians.npz (the file's Gaussian count replaces --n-gaussians)",
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="standard", help="settings preset")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--n-gaussians",
-        type=non_negative_int,
-        default=None,
-        help="number of Gaussians; 0 (default) = automatic, 35 per ml of brain",
-    )
-    p.add_argument("--k-neighbours", type=positive_int, default=None)
-    p.add_argument("--iterations", type=positive_int, default=None)
-    p.add_argument("--batch-pixels", type=positive_int, default=None)
-    p.add_argument("--scale-regularization", type=float, default=None)
-    p.add_argument("--psf", dest="psf_mode", choices=("exact", "normalized", "none"), default=None)
-    p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false", default=None)
-    p.add_argument("--no-prealign", dest="prealign", action="store_false", default=None)
-    p.add_argument(
-        "--no-pose-search",
-        dest="pose_search",
-        action="store_false",
-        default=None,
-        help="do not re-try the pose of badly fitting slices from a grid of rotations",
-    )
-    p.add_argument(
-        "--bias-correction",
-        choices=("none", "n4"),
-        default=None,
-        help="n4 (default): SimpleITK N4 bias field correction of each stack inside its mask; none: off",
-    )
-    p.add_argument("--reference-stack", type=int, default=None, help="index of the reference stack (0-based)")
-    p.add_argument(
-        "--mask-dilation",
-        dest="mask_dilation_mm",
-        type=non_negative_float,
-        default=None,
-        metavar="MM",
-        help="grow every mask by this margin (mm), for masks that cut a little brain (default 0)",
-    )
-    p.add_argument(
-        "--checkpoint-interval",
-        dest="checkpoint_interval_s",
-        type=positive_float,
-        default=None,
-        help="seconds between previews",
-    )
+    p.add_argument("--preset", choices=get_args(PresetName), default="standard", help="settings preset")
+    add_settings(p)
     p.add_argument(
         "--progress",
         choices=("bar", "json", "none"),
@@ -190,7 +170,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "--data-dir", default=None, help="the bundled data folder (default: the repository's data/)"
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=choices("device"), default="auto")
     p.set_defaults(run=run_demo)
 
 
@@ -199,53 +179,34 @@ class OneLineErrors(argparse.ArgumentParser):
     plus a protocol "error" message on stdout when --progress json was asked for."""
 
     def error(self, message: str) -> NoReturn:
-        argv = sys.argv[1:]
-        if "--progress=json" in argv or any(
-            a == "--progress" and b == "json" for a, b in zip(argv, argv[1:], strict=False)
-        ):
+        if json_requested(sys.argv[1:]):
             Emitter()("error", message=message)
         self.exit(EXIT_INPUT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def json_requested(argv: list[str]) -> bool:
+    pairs = zip(argv, argv[1:], strict=False)
+    return "--progress=json" in argv or any(a == "--progress" and b == "json" for a, b in pairs)
 
 
 def parser() -> argparse.ArgumentParser:
     top = OneLineErrors(prog="gaussiansvr", description=__doc__.splitlines()[0])
     top.add_argument("-v", "--verbose", action="store_true", help="log details on stderr")
-    sub = top.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     for add in (add_reconstruct, add_simulate, add_evaluate, add_demo):
         add(sub)
     return top
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The preset, overridden by every flag that was given."""
-    changes = {
-        name: getattr(args, name)
-        for name in (
-            "device",
-            "seed",
-            "n_gaussians",
-            "k_neighbours",
-            "iterations",
-            "batch_pixels",
-            "scale_regularization",
-            "psf_mode",
-            "coarse_to_fine",
-            "prealign",
-            "pose_search",
-            "reference_stack",
-            "checkpoint_interval_s",
-            "output_resolution",
-            "init_gaussians",
-            "bias_correction",
-            "mask_dilation_mm",
-        )
-        if getattr(args, name, None) is not None
-    }
+    """The preset, overridden by every settings flag that was given."""
+    changes = {name: getattr(args, name) for name in options() if getattr(args, name, None) is not None}
     return preset(args.preset).updated(**changes)
 
 
 class StopSignal:
-    """Cancel requests: SIGINT/SIGTERM, a "cancel" line on stdin (json mode), or a stop file."""
+    """Cancel requests: SIGINT/SIGTERM, a stop file, and in json mode a "cancel" line on stdin, the end
+    of a piped stdin (the client is gone) or a closed stdout (``set``)."""
 
     def __init__(self, stop_file: str | None, watch_stdin: bool) -> None:
         self.event = threading.Event()
@@ -260,11 +221,37 @@ class StopSignal:
             if line.strip() == "cancel":
                 self.event.set()
                 return
+        if stdin_is_a_pipe():
+            self.event.set()
+
+    def set(self) -> None:
+        self.event.set()
 
     def __call__(self) -> bool:
         if self.stop_file is not None and self.stop_file.exists():
             self.event.set()
         return self.event.is_set()
+
+
+def stdin_is_a_pipe() -> bool:
+    """Whether stdin is a pipe or socket: its end then means the process that started us has gone (a
+    terminal or /dev/null says nothing of the kind)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that nothing more can fail on it (not
+    even the interpreter's last flush)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 class BarEvents:
@@ -277,14 +264,11 @@ class BarEvents:
         from tqdm import tqdm
 
         if kind == "started":
+            counts = [fields[key] for key in ("n_stacks", "n_slices", "n_pixels", "n_gaussians")]
             log.info(
-                "%s on %s: %d stacks, %d slices, %d pixels, %d Gaussians",
-                "reconstructing",
+                "reconstructing on %s: %d stacks, %d slices, %d pixels, %d Gaussians",
                 fields["device"],
-                fields["n_stacks"],
-                fields["n_slices"],
-                fields["n_pixels"],
-                fields["n_gaussians"],
+                *counts,
             )
             self.bar = tqdm(total=fields["total"], unit="it", disable=None, file=sys.stderr)
         elif kind == "progress" and self.bar is not None:
@@ -299,19 +283,24 @@ class BarEvents:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    from .export.qc import summary_table
     from .pipeline import Outputs, reconstruct
 
-    settings = settings_from(args)
-    emitter = Emitter() if args.progress == "json" else None
-    bar = BarEvents() if args.progress == "bar" else None
-    events = emitter or bar
     stop = StopSignal(args.stop_file, watch_stdin=args.progress == "json")
+    emitter = Emitter(on_closed=lambda: (silence_stdout(), stop.set())) if args.progress == "json" else None
+    bar = BarEvents() if args.progress == "bar" else None
     outputs = Outputs(
-        args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, qc=args.output_qc
+        args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, args.output_qc
     )
     try:
         result = reconstruct(
-            args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs, events, stop
+            args.input_stacks,
+            args.stack_masks,
+            args.thicknesses,
+            settings_from(args),
+            outputs,
+            emitter or bar,
+            stop,
         )
     finally:
         if bar is not None:
@@ -324,17 +313,19 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         print("cancelled: no output written; the last preview is kept", file=sys.stderr)
         return EXIT_CANCELLED
     if args.progress != "json":
-        from .export.qc import summary_table
-
-        print(summary_table(result.report))
-        for key, path in result.paths.items():
-            if path:
-                print(f"{key}: {path}")
-    return 0
+        lines = [
+            summary_table(result.report),
+            *(f"{key}: {path}" for key, path in result.paths.items() if path),
+        ]
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # e.g. piped into head: the outputs are written, the summary is not needed
+            silence_stdout()
+    return EXIT_OK
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from .io.stacks import read_image
+    from .io.images import read_image
     from .sim.simulate import simulate_stacks
 
     result = simulate_stacks(
@@ -365,8 +356,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from .io.images import read_image
     from .io.outputs import write_json
-    from .io.stacks import read_image
     from .qa.metrics import evaluate
 
     metrics = evaluate(
@@ -396,18 +387,26 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     json_mode = getattr(args, "progress", None) == "json"
+
+    def report(message: str) -> None:
+        if json_mode:
+            Emitter(on_closed=silence_stdout)("error", message=message)
+        print(f"gaussiansvr: error: {message}", file=sys.stderr)
+
     try:
         return args.run(args)
     except InputError as error:
-        if json_mode:
-            Emitter()("error", message=str(error))
-        print(f"gaussiansvr: error: {error}", file=sys.stderr)
+        report(str(error))
         return EXIT_INPUT_ERROR
     except MemoryError:
-        message = (
+        report(
             "out of memory: use fewer Gaussians, a smaller --batch-pixels or a coarser --output-resolution"
         )
-        if json_mode:
-            Emitter()("error", message=message)
-        print(f"gaussiansvr: error: {message}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as error:  # a bug: say so on every channel, with what a bug report needs
+        traceback.print_exc()
+        report(f"internal error: {type(error).__name__}: {error}")
+        return EXIT_CRASH

@@ -37,11 +37,25 @@ class Range:
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
 
     def __str__(self) -> str:
+        low, high = shown(self.low), shown(self.high)
+        if self.low is None and self.high is None:
+            return "finite"
         if self.high is None:
-            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+            return f"{'above' if self.low_open else 'at least'} {low}"
         if self.low is None:
-            return f"{'below' if self.high_open else 'at most'} {self.high:g}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'below' if self.high_open else 'at most'} {high}"
+        if self.low_open or self.high_open:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return f"between {low} and {high}"
+
+
+def shown(value: float | None) -> str:
+    """A number as a person would write it: integers whole, others in 4 significant digits."""
+    if value is None:
+        return ""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}".replace(",", " ") if abs(value) >= 1e5 else str(int(value))
+    return f"{value:.4g}"
 
 
 #: Every number in this range is finite.
@@ -108,7 +122,7 @@ class Settings:
         "optimization steps; time grows linearly, too few leave motion uncorrected and the volume blurred",
         flag="--iterations",
         limits=Range(1, 10_000_000),
-        plausible=Range(20, 20_000),
+        plausible=Range(None, 100_000),
         metavar="N",
     )
     batch_pixels: int = option(
@@ -165,13 +179,13 @@ class Settings:
         plausible=Range(0.0, 1.0),
         metavar="W",
     )
-    lr_means: float = option(2.5e-2, "learning rate of the Gaussian centres", limits=POSITIVE)
-    lr_scales: float = option(2.5e-2, "learning rate of the Gaussian log-scales", limits=POSITIVE)
-    lr_quaternions: float = option(1e-2, "learning rate of the Gaussian orientations", limits=POSITIVE)
-    lr_intensities: float = option(1e-2, "learning rate of the Gaussian intensities", limits=POSITIVE)
-    lr_rotation: float = option(5e-3, "learning rate of the slice rotations (rad)", limits=POSITIVE)
-    lr_translation: float = option(1e-1, "learning rate of the slice translations (mm)", limits=POSITIVE)
-    lr_slice_scale: float = option(5e-3, "learning rate of the slice intensity scales", limits=POSITIVE)
+    lr_means: float = option(2.5e-2, "learning rate of the Gaussian centres", limits=NON_NEGATIVE)
+    lr_scales: float = option(2.5e-2, "learning rate of the Gaussian log-scales", limits=NON_NEGATIVE)
+    lr_quaternions: float = option(1e-2, "learning rate of the Gaussian orientations", limits=NON_NEGATIVE)
+    lr_intensities: float = option(1e-2, "learning rate of the Gaussian intensities", limits=NON_NEGATIVE)
+    lr_rotation: float = option(5e-3, "learning rate of the slice rotations (rad)", limits=NON_NEGATIVE)
+    lr_translation: float = option(1e-1, "learning rate of the slice translations (mm)", limits=NON_NEGATIVE)
+    lr_slice_scale: float = option(5e-3, "learning rate of the slice intensity scales", limits=NON_NEGATIVE)
     motion_start: float = option(
         0.1, "share of the iterations before slice motion is fitted", limits=FRACTION
     )
@@ -303,15 +317,17 @@ def check(settings: Settings) -> list[str]:
                 raise InputError(describe(name), f"must be a {expected.__name__}, got {value!r}")
             continue
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or (expected is int and value != int(value)):
+        if not is_number or (expected is int and not float(value).is_integer()):
             raise InputError(
                 describe(name), f"must be {'an integer' if expected is int else 'a number'}, got {value!r}"
             )
         unit = f" {spec.unit}" if spec.unit else ""
         if value not in spec.limits:
-            raise InputError(describe(name), f"must be a finite number in {spec.limits}{unit}, got {value:g}")
+            raise InputError(describe(name), f"must be {spec.limits}{unit}, got {shown(value)}")
         if value not in spec.plausible:
-            warnings.append(f"{describe(name)} {value:g}{unit} is unusual (expected {spec.plausible}{unit})")
+            warnings.append(
+                f"{describe(name)} {shown(value)}{unit} is unusual (usually {spec.plausible}{unit})"
+            )
     n, k = settings.n_gaussians, settings.k_neighbours
     if 0 < n < k:
         raise InputError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from GaussianSVRLib.geometry import apply_affine, image_affine
+
+# With --import-mode=importlib nothing is on sys.path: the shared helpers (testkit.py) live here.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from GaussianSVRLib.io.gaussians_file import load_gaussians, save_gaussians
 from GaussianSVRLib.sim.simulate import SimulationResult, simulate_stacks
 

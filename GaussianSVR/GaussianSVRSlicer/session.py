@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from . import command, nodes
-from .inputs import StackInput, export_stacks
+from .inputs import InputProblem, StackInput, export_stacks
 from .run_state import Outcome, RunState, Throttle
-from .runner import DEFAULT_GRACE_S, WorkerProcess
+from .runner import DEFAULT_GRACE_S, EventKind, WorkerEvent, WorkerProcess
 
 log = logging.getLogger(__name__)
+#: The worker's lines go to Python logging under this name too (Slicer's application log).
+worker_log = logging.getLogger("GaussianSVR.worker")
 
 #: Checkpoints are shown at most this often (seconds); the final result always is.
 PREVIEW_INTERVAL_S = 2.0
@@ -131,6 +133,7 @@ class ReconstructionSession:
             return self.state
         for event in self.worker.poll():
             self.state.handle(event)
+            log_event(event)
         if self.state.protocol_error is not None and not self.state.cancel_requested:
             self.cancel()  # a worker from another version: its files cannot be trusted either
         if self.state.finished:
@@ -154,6 +157,16 @@ class ReconstructionSession:
         if self.worker is not None and not self._finalized:
             self.state.cancel_requested = True
             self.worker.cancel()
+
+    def clean_up(self) -> Path | None:
+        """Remove the work folder of a finished run, unless the run failed: then it is kept for a
+        diagnosis (the exported inputs and the engine's files) and returned."""
+        if not self._finalized:
+            return None
+        if self.state.outcome in (Outcome.FAILED, Outcome.BAD_INPUT):
+            return self.work_dir
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return None
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel and end the worker now (scene or application closing); the scene is not touched."""
@@ -266,6 +279,34 @@ class ReconstructionSession:
             self.changes.rollback()
             self.output_volume = self.request.output_volume
             self.gaussians_model = self.request.gaussians_model
+
+
+def log_event(event: WorkerEvent) -> None:
+    """Pass a worker event on to Python logging: log lines as info, errors as errors."""
+    if event.kind is EventKind.LOG:
+        worker_log.info("%s", event.text)
+    elif event.kind is EventKind.PROTOCOL_ERROR:
+        worker_log.error("%s", event.text)
+    elif event.kind is EventKind.MESSAGE and event.message.get("type") == "error":
+        worker_log.error("%s", event.message.get("message"))
+    elif event.kind is EventKind.EXITED and event.returncode:
+        worker_log.warning("the engine exited with code %s", event.returncode)
+
+
+def output_folder(save: bool, folder: str | Path | None) -> Path | None:
+    """The folder a run also saves its outputs to (None: not asked for); InputProblem for a folder that
+    is not chosen or does not exist (an empty choice would otherwise mean the temporary work folder)."""
+    if not save:
+        return None
+    text = str(folder or "").strip()
+    if text in ("", "."):
+        raise InputProblem(
+            "Also save to folder is ticked, but no folder is chosen: choose one, or untick it."
+        )
+    path = Path(text).expanduser()
+    if not path.is_absolute() or not path.is_dir():
+        raise InputProblem(f"The output folder {path} does not exist.")
+    return path
 
 
 def copy_atomically(source: Path, destination: Path) -> Path:

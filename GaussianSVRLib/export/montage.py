@@ -18,7 +18,7 @@ from vtkmodules.vtkRenderingCore import vtkTextProperty
 from vtkmodules.vtkRenderingFreeType import vtkFreeTypeTools
 
 from ..geometry import apply_affine, image_affine, on_grid
-from ..io.outputs import atomic_path
+from ..io.outputs import write_png
 
 #: Largest side of a montage panel in pixels.
 MAX_PANEL_PIXELS = 512
@@ -185,5 +185,4 @@ def write_montage(
         column += panel.shape[1] + MONTAGE_GAP
     if title:
         canvas = np.vstack([_title_banner(title, width), canvas])
-    with atomic_path(path) as temporary:
-        sitk.WriteImage(sitk.GetImageFromArray(canvas), str(temporary))
+    write_png(canvas, path)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..fit.quality import REASON_WORDS
-from ..io.outputs import atomic_path
+from ..io.outputs import write_png
 from ..io.slices import SliceSet
 from ..io.stacks import Stack
 from .montage import _title_banner
@@ -249,6 +248,4 @@ def write_qc_png(
     path: str | Path, report: dict[str, Any], stacks: list[Stack], slices: SliceSet, predicted: np.ndarray
 ) -> None:
     """Write qc_image as an RGB PNG, atomically."""
-    image = sitk.GetImageFromArray(qc_image(report, stacks, slices, predicted), isVector=True)
-    with atomic_path(path) as temporary:
-        sitk.WriteImage(image, str(temporary))
+    write_png(qc_image(report, stacks, slices, predicted), path)

@@ -97,6 +97,7 @@ def build_report(
     quality: SliceQuality,
     timings: dict[str, float],
     cancelled: bool,
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (see progress.py's clients and the README for the schema)."""
     per_slice = [
@@ -146,6 +147,7 @@ def build_report(
         "cancelled": cancelled,
         "settings": settings.as_dict(),
         "timings": {key: round(value, 3) for key, value in timings.items()},
+        "warnings": list(warnings or []),
         "n_pixels": slices.n_pixels,
         "n_gaussians": n_gaussians,
         "slices": per_slice,

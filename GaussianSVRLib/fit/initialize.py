@@ -1,12 +1,124 @@
-"""Initialization: the reference stack and content-adaptive Gaussians sampled from the slices."""
+"""Initialization: the problem (slices, reference stack, output grid), the pre-aligned slice motion and
+content-adaptive Gaussians sampled from the slices, or an earlier run's (warm start)."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..io.slices import SliceSet
+from ..errors import InputError
+from ..io.slices import SliceSet, extract_slices
 from ..io.stacks import Stack
+from ..model import forward
+from ..model.gaussians import GaussianField
+from ..model.motion import SliceMotion
+from ..model.neighbours import knn
+from ..model.volume import check_grid_fits, grid_covering
+from ..settings import MAX_GAUSSIANS, MIN_GAUSSIANS, Settings, describe
+from .registration import prealign
+from .warmstart import warm_start
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    """Everything the optimizer needs, prepared from the stacks (masks ready, intensities normalized).
+
+    grid_affine (4, 4) voxel -> LPS and grid_shape (nk, nj, ni): the output grid, in the reference
+    stack's orientation, covering every masked pixel.
+    """
+
+    stacks: list[Stack]
+    slices: SliceSet
+    reference: int
+    grid_affine: np.ndarray
+    grid_shape: tuple[int, int, int]
+    n_gaussians: int
+
+    @property
+    def output_unit(self) -> float:
+        """The output is in the units of the reference stack's file."""
+        return self.stacks[self.reference].intensity_unit
+
+
+def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) -> Problem:
+    """Slices, reference stack, Gaussian count and the output grid (checked for size)."""
+    slices = extract_slices(stacks, settings.in_plane_fwhm)
+    if settings.reference_stack is not None and settings.reference_stack >= len(stacks):
+        raise InputError(
+            describe("reference_stack"),
+            f"stack {settings.reference_stack} does not exist (there are {len(stacks)}, counted from 0)",
+        )
+    reference = reference_index(stacks) if settings.reference_stack is None else settings.reference_stack
+    affine, shape = grid_covering(slices.positions, stacks[reference].direction, settings.output_resolution)
+    check_grid_fits(shape, settings.output_resolution, volume_path)
+    n_gaussians = settings.n_gaussians or automatic_gaussian_count(
+        stacks[reference], settings.gaussians_per_ml
+    )
+    if n_gaussians > slices.n_pixels:
+        log.warning(
+            "%s %d is more than the %d masked slice pixels: %d Gaussians are used",
+            describe("n_gaussians"), n_gaussians, slices.n_pixels, slices.n_pixels,
+        )  # fmt: skip
+        n_gaussians = slices.n_pixels
+    if n_gaussians < settings.k_neighbours:
+        raise InputError(
+            describe("k_neighbours"),
+            f"{settings.k_neighbours} neighbours per pixel, but the brain holds only {n_gaussians} Gaussians",
+        )
+    return Problem(stacks, slices, reference, affine, shape, n_gaussians)
+
+
+def automatic_gaussian_count(stack: Stack, per_ml: float) -> int:
+    """Gaussians for the brain volume of a stack's mask (ml), within [MIN_GAUSSIANS, MAX_GAUSSIANS]."""
+    millilitres = float(stack.mask.sum()) * float(np.prod(stack.spacing)) / 1000.0
+    return int(np.clip(round(per_ml * millilitres), MIN_GAUSSIANS, MAX_GAUSSIANS))
+
+
+def initial_models(
+    problem: Problem, settings: Settings, device: torch.device
+) -> tuple[GaussianField, SliceMotion]:
+    """Pre-aligned slice motion and content-adaptive Gaussians in the reference stack's frame, or the
+    earlier run's with --init-gaussians."""
+    if settings.init_gaussians:
+        return warm_start(
+            settings.init_gaussians, problem.stacks, problem.slices, problem.reference, settings.seed, device
+        )
+    slices = problem.slices
+    rng = np.random.default_rng(settings.seed)
+    if settings.prealign and len(problem.stacks) > 1:
+        rotvec, translation = prealign(problem.stacks, slices, problem.reference, settings.seed)
+    else:
+        rotvec = np.zeros((slices.n_slices, 3))
+        translation = np.zeros((slices.n_slices, 3))
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+
+    motion = SliceMotion(tensor(slices.slice_centre), tensor(rotvec), tensor(translation))
+    thickness = np.array([problem.stacks[s].thickness for s in slices.slice_stack])
+    gradient = in_plane_gradient(problem.stacks, slices)
+    chosen, nominal = sample_centres(
+        slices, gradient, problem.n_gaussians, settings.edge_fraction, thickness, rng
+    )
+    with torch.no_grad():
+        slice_id = torch.as_tensor(slices.pixel_slice[chosen], device=device)
+        centres = motion.move(tensor(nominal), slice_id, motion.rotations())
+    scales = initial_scales(centres.cpu().numpy().astype(np.float64))
+    values = tensor(slices.values[chosen])
+    field_ = GaussianField(centres, tensor(scales)[:, None].repeat(1, 3), values)
+    with torch.no_grad():
+        means, cov6, det, intensities = field_.packed()
+        neighbours = knn(means, means, min(settings.k_neighbours, field_.n), settings.neighbour_backend)
+        mixture = forward.evaluate(means, neighbours, means, cov6, det, intensities, None, "none")
+        if settings.psf_mode != "normalized":
+            # A normalized field predicts the weighted mean of its intensities: no overlap to undo.
+            field_.intensities.mul_(initial_intensity_gain(values, mixture))
+    return field_, motion
 
 
 def reference_index(stacks: list[Stack]) -> int:

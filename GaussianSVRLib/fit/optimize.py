@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..model.gaussians import GaussianField
 from ..model.motion import SliceMotion
 from ..settings import Settings
@@ -261,6 +262,13 @@ def optimize(
             if settings.scale_regularization > 0:
                 loss = loss + settings.scale_regularization * scale_penalty(
                     field_.scales(), settings.scale_target
+                )
+            if not torch.isfinite(loss):
+                raise InputError(
+                    None,
+                    f"the optimization diverged at iteration {step + 1} (the loss is not a finite number): "
+                    "the stacks' intensities or the settings (learning rates, --scale-regularization) are "
+                    "out of range",
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,21 +1,15 @@
 """Warm start: continue from an earlier run's Gaussians and slice transforms (--init-gaussians G.npz).
 
-A run's Gaussians file (final or preview) holds, besides the Gaussians in the output frame and in
-input intensity units, every slice's rigid map in that frame and its intensity scale, with what
-identifies the slice again: its stack (path, SHA-256 of the file, shape) and its index k.
-
-Continuing, the anatomy frame starts equal to that output frame. A current slice takes the saved
-map of the same slice; a slice the earlier run did not have (its mask grew) takes its stack's
-median map; a stack the earlier run did not have is registered rigidly to a known stack and put
-through that stack's median map.
+Continuing, the anatomy frame starts equal to the earlier run's output frame (the file's format is
+io/gaussians_file.py). A current slice takes the saved map of the same slice; a slice the earlier run
+did not have (its mask grew) takes its stack's median map; a stack the earlier run did not have is
+registered rigidly to a known stack and put through that stack's median map.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +18,7 @@ from scipy.spatial.transform import Rotation
 
 from ..errors import InputError
 from ..geometry import rigid_to_slice_motion, rotvec_to_matrix_np
-from ..io.gaussians_file import load_gaussians
+from ..io.gaussians_file import Saved, file_digest, read_saved
 from ..io.slices import SliceSet
 from ..io.stacks import Stack
 from ..model.gaussians import MIN_SCALE, GaussianField
@@ -32,59 +26,6 @@ from ..model.motion import SliceMotion
 from .registration import register_rigid
 
 log = logging.getLogger(__name__)
-
-#: Extra arrays of a Gaussians file that a warm start needs, with their shapes (M slices, S stacks).
-SLICE_KEYS = {"slice_rotation": 3, "slice_translation": 3, "slice_centre": 3, "slice_scale": 0}
-SLICE_INDEX_KEYS = ("slice_stack", "slice_k")
-STACK_KEYS = ("stack_paths", "stack_digests", "stack_shapes", "reference_stack")
-
-
-@lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
-    sha = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes ("" if unreadable): a stack is the same wherever it was copied to."""
-    resolved = Path(path).resolve()
-    try:
-        status = resolved.stat()
-        return _digest(str(resolved), status.st_size, status.st_mtime_ns)
-    except OSError:
-        return ""  # gone since it was read: the stack can still be recognised by its path
-
-
-def warm_start_arrays(
-    stacks: list[Stack],
-    slices: SliceSet,
-    reference: int,
-    rotvec: np.ndarray,
-    translation: np.ndarray,
-    scale: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The extra arrays a Gaussians file carries for a warm start.
-
-    rotvec (M, 3) and translation (M, 3): slice maps in the output frame around slice_centre;
-    scale (M,): slice intensity scales. Stacks: resolved paths (S,), file digests (S,), shapes (S, 3)
-    as [k, j, i]; reference_stack: the stack whose median slice scale is folded into the intensities.
-    """
-    return {
-        "slice_rotation": np.asarray(rotvec, dtype=np.float64),
-        "slice_translation": np.asarray(translation, dtype=np.float64),
-        "slice_centre": np.asarray(slices.slice_centre, dtype=np.float64),
-        "slice_scale": np.asarray(scale, dtype=np.float64),
-        "slice_stack": np.asarray(slices.slice_stack, dtype=np.int64),
-        "slice_k": np.asarray(slices.slice_k, dtype=np.int64),
-        "stack_paths": np.array([str(Path(stack.path).resolve()) for stack in stacks]),
-        "stack_digests": np.array([file_digest(stack.path) for stack in stacks]),
-        "stack_shapes": np.array([stack.data.shape for stack in stacks], dtype=np.int64),
-        "reference_stack": np.array(reference, dtype=np.int64),
-    }
 
 
 def scales_and_quaternions(covariances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,91 +40,6 @@ def scales_and_quaternions(covariances: np.ndarray) -> tuple[np.ndarray, np.ndar
     axes[np.linalg.det(axes) < 0, :, 2] *= -1.0
     xyzw = Rotation.from_matrix(axes).as_quat()
     return np.sqrt(np.clip(variances, MIN_SCALE**2, None)), xyzw[:, [3, 0, 1, 2]]
-
-
-def init_path(path: str | Path) -> Path:
-    """The .npz of a Gaussians path given like --output-gaussians: G, G.npz or G.vtp."""
-    path = Path(path)
-    return path.with_suffix(".npz") if path.suffix in ("", ".vtp") else path
-
-
-@dataclass
-class Saved:
-    """A validated Gaussians file: N Gaussians, M slices, S stacks (arrays as in warm_start_arrays)."""
-
-    path: Path
-    means: np.ndarray  # (N, 3)
-    covariances: np.ndarray  # (N, 3, 3)
-    intensities: np.ndarray  # (N,)
-    rotvec: np.ndarray  # (M, 3)
-    translation: np.ndarray  # (M, 3)
-    centre: np.ndarray  # (M, 3)
-    scale: np.ndarray  # (M,)
-    slice_stack: np.ndarray  # (M,)
-    slice_k: np.ndarray  # (M,)
-    stack_paths: list[str]
-    stack_digests: list[str]
-    stack_shapes: np.ndarray  # (S, 3)
-    reference: int
-
-
-def read_saved(path: str | Path) -> Saved:
-    """Load and check a Gaussians file for a warm start; InputError naming it for anything wrong."""
-    path = init_path(path)
-    if not path.is_file():
-        raise InputError(path, "initial Gaussians file does not exist")
-    arrays = load_gaussians(path)
-    missing = [key for key in (*SLICE_KEYS, *SLICE_INDEX_KEYS, *STACK_KEYS) if key not in arrays]
-    if missing:
-        raise InputError(path, f"has no slice transforms to continue from (missing {', '.join(missing)})")
-
-    def fail(problem: str) -> InputError:
-        return InputError(path, f"inconsistent Gaussians file: {problem}")
-
-    m = len(arrays["slice_stack"])
-    for key, width in SLICE_KEYS.items():
-        if arrays[key].shape != ((m, width) if width else (m,)):
-            raise fail(f"{key} has shape {arrays[key].shape} for {m} slices")
-    s = len(arrays["stack_paths"])
-    if arrays["stack_digests"].shape != (s,) or arrays["stack_shapes"].shape != (s, 3):
-        raise fail(f"stack arrays disagree on the number of stacks ({s})")
-    for key in ("means", "covariances", "intensities", *SLICE_KEYS):
-        if not np.issubdtype(arrays[key].dtype, np.number) or not np.all(np.isfinite(arrays[key])):
-            raise fail(f"{key} has non-numeric or non-finite values")
-    for key in (*SLICE_INDEX_KEYS, "stack_shapes", "reference_stack"):
-        if not np.issubdtype(arrays[key].dtype, np.integer):
-            raise fail(f"{key} is not an integer array")
-    if arrays["slice_k"].shape != (m,) or np.any(arrays["slice_k"] < 0):
-        raise fail("slice_k must hold one non-negative index per slice")
-    reference = int(arrays["reference_stack"]) if arrays["reference_stack"].shape == () else -1
-    if (
-        m == 0
-        or not (0 <= reference < s)
-        or np.any((arrays["slice_stack"] < 0) | (arrays["slice_stack"] >= s))
-    ):
-        raise fail("slice_stack or reference_stack do not point at a saved stack")
-    if np.any(arrays["slice_scale"] <= 0) or not np.any(arrays["slice_stack"] == reference):
-        raise fail("slice scales must be positive, and the reference stack must have slices")
-    if len(arrays["intensities"]) == 0:
-        raise fail("no Gaussians")
-    if np.any(np.linalg.eigvalsh(arrays["covariances"].astype(np.float64)) <= 0):
-        raise fail("covariances must be positive definite")
-    return Saved(
-        path=path,
-        means=arrays["means"],
-        covariances=arrays["covariances"],
-        intensities=arrays["intensities"],
-        rotvec=arrays["slice_rotation"],
-        translation=arrays["slice_translation"],
-        centre=arrays["slice_centre"],
-        scale=arrays["slice_scale"],
-        slice_stack=arrays["slice_stack"],
-        slice_k=arrays["slice_k"],
-        stack_paths=[str(p) for p in arrays["stack_paths"]],
-        stack_digests=[str(d) for d in arrays["stack_digests"]],
-        stack_shapes=arrays["stack_shapes"],
-        reference=reference,
-    )
 
 
 def match_stacks(saved: Saved, stacks: list[Stack]) -> np.ndarray:
@@ -344,24 +200,26 @@ def warm_start(
     stacks: list[Stack],
     slices: SliceSet,
     reference: int,
-    intensity_norm: float,
     seed: int,
     device: torch.device,
 ) -> tuple[GaussianField, SliceMotion]:
     """The Gaussians and slice motion of an earlier run, for the current slices (see the module doc).
 
-    The file's Gaussian count replaces the n_gaussians setting. Intensities are divided by the
-    current intensity_norm so that the continued run predicts the slice values the saved one did.
+    The file's Gaussian count replaces the n_gaussians setting. Its intensities are in the units of
+    the reference stack's file and its slice scales relative to them; both are brought into the
+    units of each stack's normalized voxels (Stack.intensity_unit).
     """
     saved = read_saved(path)
     rotvec, translation, log_scale = initial_slice_state(saved, stacks, slices, reference, seed)
+    units = np.array([stack.intensity_unit for stack in stacks])
+    log_scale = log_scale + np.log(units[reference] / units[slices.slice_stack])
     scales, quaternions = scales_and_quaternions(saved.covariances)
 
     def tensor(array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
 
     field_ = GaussianField(
-        tensor(saved.means), tensor(scales), tensor(saved.intensities / intensity_norm), tensor(quaternions)
+        tensor(saved.means), tensor(scales), tensor(saved.intensities / units[reference]), tensor(quaternions)
     )
     motion = SliceMotion(tensor(slices.slice_centre), tensor(rotvec), tensor(translation))
     with torch.no_grad():

@@ -9,10 +9,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .nifti import is_nifti, nifti_geometry_problem, read_nifti_header
+from .nifti import is_nifti, nifti_data_problem, nifti_geometry_problem, read_nifti_header
 
 #: Direction matrices whose columns deviate from orthonormal by more than this are refused.
 ORTHONORMAL_TOLERANCE = 1e-3
+
+
+#: Image files this engine reads and writes, by extension (checked lower-case; .nii.gz before .gz).
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: What ITK's readers say of a file whose voxel data is shorter than its header says (NRRD, MetaImage,
+#: compressed streams).
+TRUNCATION_MARKERS = ("got only", "not read completely", "Premature", "unexpected end", "truncated")
 
 
 def metaimage_spacing(path: Path) -> np.ndarray | None:
@@ -56,6 +64,9 @@ def itk_read_problem(error: RuntimeError, what: str) -> str:
     if any("orthonormal" in line.lower() for line in lines):
         return f"{what} has a direction matrix that is not orthonormal (a skewed or degenerate grid)"
     detail = next((line for line in lines if "ERROR" in line or "rror" in line), "unreadable")
+    if any(marker in line for line in lines for marker in TRUNCATION_MARKERS):
+        detail = next(line for line in lines if any(marker in line for marker in TRUNCATION_MARKERS))
+        return f"{what} file is truncated or its data is damaged ({detail.strip()[:120]})"
     return f"cannot read the {what} ({detail.strip()[:120]})"
 
 
@@ -75,7 +86,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         raise InputError(path, f"{what} path is a folder, not a file")
     if path.stat().st_size == 0:
         raise InputError(path, f"{what} file is empty (0 bytes)")
-    problem = header_problem(path, what)
+    problem = header_problem(path, what) or (nifti_data_problem(path, what) if is_nifti(path) else None)
     if problem is not None:
         raise InputError(path, problem)
     try:

@@ -11,7 +11,6 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..geometry import same_grid
 from .images import read_image
-from .nifti import is_nifti, nifti_has_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,6 @@ def read_mask(path: str | Path, stack_image: sitk.Image) -> np.ndarray:
     """A mask on the stack's grid as bool [k, j, i]; a mask on another grid is resampled (nearest)."""
     mask_image = read_image(path, "mask")
     array = sitk.GetArrayFromImage(mask_image)
-    if is_nifti(path) and nifti_has_nonfinite(path):
-        raise InputError(path, "mask has NaN or Inf voxels")
     brain = brain_from_mask_values(array, path)
     if not same_grid(mask_image, stack_image):
         log.info("%s: mask is on another grid than its stack; resampled (nearest neighbour)", path)

@@ -53,6 +53,11 @@ NIFTI_LAYOUTS: dict[int, dict[str, tuple[int, str, int]]] = {
 
 #: NIfTI-1 datatype codes of floating-point voxels -> numpy type (complex ones included).
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+#: Bytes per voxel of every NIfTI-1 datatype code (nifti1.h).
+NIFTI_VOXEL_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4,
+                     1024: 8, 1280: 8, 1536: 16, 1792: 16, 2048: 32, 2304: 4}  # fmt: skip
+#: The first bytes of a gzip stream: a file is decompressed by what it holds, not by its name.
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -60,8 +65,10 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def open_image_file(path: Path) -> IO[bytes]:
-    """The file for reading bytes, through gzip for a .gz name."""
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    """The file for reading bytes, through gzip when it holds a gzip stream (whatever its name)."""
+    with open(path, "rb") as file:
+        compressed = file.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
 
 
 def parse_nifti_header(head: bytes) -> NiftiHeader | None:
@@ -98,6 +105,17 @@ def read_nifti_header(path: str | Path) -> NiftiHeader | None:
             return parse_nifti_header(file.read(540))
     except (OSError, EOFError, zlib.error):
         return None
+
+
+def geometry_codes_problem(header: NiftiHeader) -> str | None:
+    """Why a header cannot place its voxels: neither a qform nor an sform (ITK would put them at the
+    origin, axis-aligned, which says nothing about where the slices were)."""
+    if header.qform_code <= 0 and header.sform_code <= 0:
+        return (
+            "NIfTI header has neither a qform nor an sform (both codes are 0), so where its voxels lie is "
+            "unknown; save it with the tool that made it, keeping its orientation"
+        )
+    return None
 
 
 def qform_affine(header: NiftiHeader) -> np.ndarray:
@@ -150,6 +168,9 @@ def nifti_geometry_problem(header: NiftiHeader) -> str | None:
     axes = spatial_axes(header)
     size = header.pixdim[1 : 1 + axes]
     shown = " x ".join(f"{v:g}" for v in size)
+    unplaced = geometry_codes_problem(header)
+    if unplaced is not None:
+        return unplaced
     if not np.all(np.isfinite(size)) or np.any(size == 0):
         return f"NIfTI header has a zero voxel size (pixdim {shown} mm)"
     if np.any(size < 0):
@@ -176,18 +197,36 @@ def nifti_geometry_problem(header: NiftiHeader) -> str | None:
     return None
 
 
-def nifti_has_nonfinite(path: str | Path) -> bool:
-    """True when a NIfTI-1/2 file stores NaN or Inf voxels.
+def nifti_data_problem(path: str | Path, what: str) -> str | None:
+    """Why the voxels of a NIfTI-1/2 file cannot be used as read, or None.
 
-    ITK's NIfTI reader (before ITK 6, InsightSoftwareConsortium/ITK#6683) replaces them with 0 while
-    reading, so the array SimpleITK returns cannot show them: look at the bytes on disk.
+    ITK's NIfTI reader fills the voxels missing from a truncated file with 0 without an error, and
+    (before ITK 6, InsightSoftwareConsortium/ITK#6683) replaces NaN and Inf with 0: both are judged
+    here on the bytes on disk, the way nibabel does it (the data must be as long as the header says).
+    A damaged gzip stream is found by decompressing it whole. None also when the header cannot be
+    parsed: ITK then says why.
     """
     path = Path(path)
-    with open_image_file(path) as file:
-        header = parse_nifti_header(file.read(540))
-        if header is None or header.datatype not in NIFTI_FLOAT_TYPES:
-            return False
-        count = int(np.prod(header.dim[1 : 1 + int(header.dim[0])], dtype=np.int64))
-        file.seek(header.vox_offset)
-        data = np.frombuffer(file.read(), header.order + NIFTI_FLOAT_TYPES[header.datatype], count=count)
-    return not bool(np.isfinite(data).all())
+    try:
+        with open_image_file(path) as file:
+            header = parse_nifti_header(file.read(540))
+            if header is None or header.datatype not in NIFTI_VOXEL_BYTES:
+                return None
+            file.seek(header.vox_offset)
+            data = file.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        return f"{what} file is damaged: its compressed data is broken or cut short ({error})"
+    except OSError as error:
+        return f"cannot read the {what} ({error.strerror or error})"
+    count = int(np.prod(header.dim[1 : 1 + int(np.clip(header.dim[0], 1, 7))], dtype=np.int64))
+    needed = count * NIFTI_VOXEL_BYTES[header.datatype]
+    if len(data) < needed:
+        return (
+            f"{what} file is truncated: its header describes {needed} bytes of voxels, the file holds "
+            f"{len(data)} ({100.0 * len(data) / max(needed, 1):.0f} %)"
+        )
+    if header.datatype in NIFTI_FLOAT_TYPES:
+        values = np.frombuffer(data, header.order + NIFTI_FLOAT_TYPES[header.datatype], count=count)
+        if not np.isfinite(values).all():
+            return f"{what} has NaN or Inf voxels"
+    return None

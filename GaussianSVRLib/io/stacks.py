@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 
@@ -14,19 +14,23 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..geometry import apply_affine, image_affine
-from .images import read_image
+from ..settings import Range
+from .images import IMAGE_EXTENSIONS, read_image
 from .masks import is_no_mask, read_mask
-from .nifti import is_nifti, nifti_has_nonfinite
 
 log = logging.getLogger(__name__)
 
 
 #: Fewer slices cannot be registered in 3-D.
 MIN_SLICES = 2
-
-
 #: Wider than any MRI field of view: a stack that spans more has a spacing in wrong units.
 MAX_EXTENT_MM = 1000.0
+#: Slice thicknesses (mm) that can be reconstructed, and those MRI stacks usually have (else a warning).
+THICKNESS_LIMITS = Range(0.0, 30.0, low_open=True)
+THICKNESS_PLAUSIBLE = Range(0.5, 10.0)
+#: Voxels are kept near 1 (a power-of-two rescale, exact) when they are this far from it: beyond,
+#: squares and sums in float32 overflow or underflow.
+SAFE_MAGNITUDE = Range(1e-12, 1e12)
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Stack:
     affine: np.ndarray
     thickness: float
     mask_path: str | None = None
+    #: The file's voxel values are ``data * intensity_unit`` (see normalized_intensities).
+    intensity_unit: float = 1.0
 
     @property
     def spacing(self) -> np.ndarray:
@@ -57,38 +63,84 @@ class Stack:
         return self.data.shape[0]
 
 
-def sidecar_thickness(path: str | Path) -> float | None:
-    """SliceThickness from a BIDS JSON sidecar beside the image, if there is one."""
+def sidecar_path(path: str | Path) -> Path:
+    """The BIDS JSON sidecar that belongs to an image (whether it exists or not)."""
     path = Path(path)
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    sidecar = path.with_name(name + ".json")
-    if not sidecar.exists():
+    lower = path.name.lower()
+    stem = next((path.name[: -len(e)] for e in IMAGE_EXTENSIONS if lower.endswith(e)), path.stem)
+    return path.with_name(stem + ".json")
+
+
+def sidecar_thickness(path: str | Path) -> float | None:
+    """SliceThickness from a BIDS JSON sidecar beside the image, if there is one; a sidecar without a
+    usable value is ignored with a warning."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
         return None
     try:
-        value = json.loads(sidecar.read_text()).get("SliceThickness")
-    except (json.JSONDecodeError, OSError, AttributeError):
+        value = json.loads(sidecar.read_text(encoding="utf-8")).get("SliceThickness")
+    except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError):
         log.warning("%s: unreadable JSON sidecar, ignored", sidecar)
         return None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        log.warning("%s: SliceThickness %r is not a positive number, ignored", sidecar, value)
+        return None
+    return float(value)
 
 
-def stack_voxels(image: sitk.Image, path: str | Path) -> np.ndarray:
-    """The stack's voxels as float32 [k, j, i]: integers are converted before any arithmetic can overflow."""
+def check_thickness(thickness: float, path: str | Path, source: str) -> float:
+    """The slice thickness (mm) if it can be reconstructed; a warning when it is unusual."""
+    if thickness not in THICKNESS_LIMITS:
+        raise InputError(
+            path, f"slice thickness {thickness:g} mm (from {source}) must be {THICKNESS_LIMITS} mm"
+        )
+    if thickness not in THICKNESS_PLAUSIBLE:
+        log.warning(
+            "%s: slice thickness %g mm (from %s) is unusual (usually %s mm)", path, thickness, source,
+            THICKNESS_PLAUSIBLE,
+        )  # fmt: skip
+    return float(thickness)
+
+
+def stack_voxels(image: sitk.Image, path: str | Path) -> tuple[np.ndarray, float]:
+    """The stack's voxels as float32 [k, j, i] and the unit they are in (file value = voxel * unit).
+
+    Integers are converted before any arithmetic can overflow. Values far from 1 (a stack scaled by
+    1e-30, or near the float32 maximum) are rescaled by a power of two, in float64, so that the
+    reconstruction's float32 arithmetic neither overflows nor underflows.
+    """
     data = sitk.GetArrayFromImage(image)
     if data.dtype.kind not in "iuf":
         raise InputError(path, f"stack has an unsupported voxel type {data.dtype}")
-    if data.dtype.kind == "f" and np.isfinite(data).all():
-        largest = float(np.abs(data).max(initial=0.0))
-        if largest > float(np.finfo(np.float32).max):
-            raise InputError(path, f"stack has voxel values beyond the float32 range (up to {largest:.3g})")
-    data = data.astype(np.float32)
-    if not np.all(np.isfinite(data)) or (is_nifti(path) and nifti_has_nonfinite(path)):
+    data = data.astype(np.float64)
+    if not np.all(np.isfinite(data)):
         raise InputError(path, "stack has NaN or Inf voxels")
-    return data
+    magnitude = np.abs(data[data != 0])
+    unit = 1.0
+    if magnitude.size and not (magnitude.min() in SAFE_MAGNITUDE and magnitude.max() in SAFE_MAGNITUDE):
+        unit = float(2.0 ** np.round(np.log2(np.median(magnitude))))
+        data = data / unit
+    largest = float(np.abs(data).max(initial=0.0))
+    if largest > float(np.finfo(np.float32).max) / 1e6:
+        raise InputError(
+            path,
+            f"stack has voxel values beyond the float32 range of the reconstruction (up to "
+            f"{largest * unit:.3g}, median {np.median(magnitude):.3g}): a few voxels are far brighter "
+            "than the rest",
+        )
+    return data.astype(np.float32), unit
+
+
+def normalized_intensities(stack: Stack) -> Stack:
+    """The stack divided by the median of its non-zero voxels inside its mask (so every stack starts at
+    a comparable level whatever the scanner's scaling); ``intensity_unit`` keeps the file's units."""
+    inside = np.abs(stack.data[stack.mask & (stack.data != 0)])
+    level = float(np.median(inside)) if inside.size else 1.0
+    return replace(
+        stack, data=(stack.data / level).astype(np.float32), intensity_unit=stack.intensity_unit * level
+    )
 
 
 def check_stack_shape(data: np.ndarray, spacing: np.ndarray, path: str | Path) -> None:
@@ -121,15 +173,15 @@ def read_stack(
     if is_no_mask(mask_path):
         mask_path = None
     image = read_image(path, "stack")
-    data = stack_voxels(image, path)
+    data, unit = stack_voxels(image, path)
     check_stack_shape(data, np.asarray(image.GetSpacing()), path)
     mask = read_mask(mask_path, image) if mask_path is not None else np.ones(data.shape, dtype=bool)
+    source = "--thicknesses"
     if thickness is None:
-        thickness = sidecar_thickness(path)
+        thickness, source = sidecar_thickness(path), f"its sidecar {sidecar_path(path).name}"
     if thickness is None:
-        thickness = float(image.GetSpacing()[2])
-    if not thickness > 0:
-        raise InputError(path, f"slice thickness must be positive, got {thickness}")
+        thickness, source = float(image.GetSpacing()[2]), "the slice spacing in its header"
+    thickness = check_thickness(thickness, path, source)
     if not (mask & (data != 0)).any():
         raise InputError(path, "stack has no non-zero voxel inside its mask")
     return Stack(
@@ -139,6 +191,7 @@ def read_stack(
         image_affine(image),
         float(thickness),
         None if mask_path is None else str(mask_path),
+        unit,
     )
 
 

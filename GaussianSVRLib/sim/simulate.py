@@ -24,7 +24,6 @@ be moved; ``read_transforms`` returns them absolute, ``read_truth`` the flat per
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..geometry import (
     rotvec_to_matrix_np,
     set_image_geometry,
 )
-from ..io.outputs import write_image
+from ..io.outputs import write_atomically, write_image
 from ..io.slices import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
 
 #: Stack orientations (columns = i, j, k axes in LPS world), cycled: axial, coronal, sagittal, axial.
@@ -291,12 +290,7 @@ def _write_atomic_json(data: dict[str, Any], path: Path) -> None:
         lambda m: "[" + " ".join(m.group(1).split()) + "]",
         json.dumps(data, indent=1),
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:

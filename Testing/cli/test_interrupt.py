@@ -20,7 +20,7 @@ from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 from GaussianSVRLib.cli import EXIT_CANCELLED
 from GaussianSVRLib.sim.simulate import SimulationResult
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Far more iterations than a test can wait for, and a preview after every iteration.
 ENDLESS = ["--n-gaussians", "300", "--iterations", "100000", "--batch-pixels", "1024", "--seed", "0",
            "--output-resolution", "1.5", "--checkpoint-interval", "0.001", "--no-prealign"]  # fmt: skip

@@ -32,7 +32,7 @@ from GaussianSVRLib.cli import EXIT_INPUT_ERROR
 from GaussianSVRLib.io.progress import decode
 from GaussianSVRLib.sim.simulate import SimulationResult
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Tiny settings, so that an error the engine fails to catch early still ends in seconds.
 TINY = ["--n-gaussians", "200", "--iterations", "2", "--batch-pixels", "1024", "--no-prealign"]
 #: Generous: a case that takes this long ran the optimization, which is itself the bug.

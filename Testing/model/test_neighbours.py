@@ -12,7 +12,7 @@ import torch
 from GaussianSVRLib.model import neighbours
 from GaussianSVRLib.model.neighbours import BACKENDS, choose_backend, knn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def reference_distances(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:

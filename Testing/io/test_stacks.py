@@ -21,7 +21,14 @@ from GaussianSVRLib.geometry import LPS_TO_RAS, image_affine
 from GaussianSVRLib.io.images import ORTHONORMAL_TOLERANCE
 from GaussianSVRLib.io.masks import MAX_MASK_LABELS, PROBABILITY_THRESHOLD
 from GaussianSVRLib.io.nifti import QFORM_SFORM_TOLERANCE, qform_affine, read_nifti_header, sform_affine
-from GaussianSVRLib.io.stacks import Stack, check_fields_of_view, read_stack, read_stacks, world_box
+from GaussianSVRLib.io.stacks import (
+    Stack,
+    check_fields_of_view,
+    normalized_intensities,
+    read_stack,
+    read_stacks,
+    world_box,
+)
 
 SPACING = (1.2, 1.1, 2.4)
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
@@ -72,7 +79,7 @@ def test_64_bit_integers_are_kept_to_float32_precision(tmp_path: Path) -> None:
     big = np.full((4, 8, 8), 2**40 + 12345, dtype=np.int64)
     stack = read_stack(write(big, tmp_path / "int64.nii.gz"))
     assert stack.data.dtype == np.float32
-    assert np.allclose(stack.data, float(2**40 + 12345), rtol=6e-8, atol=0)
+    assert np.allclose(stack.data * stack.intensity_unit, float(2**40 + 12345), rtol=6e-8, atol=0)
 
 
 # What a mask's values mean.
@@ -340,3 +347,92 @@ def test_stacks_must_share_a_field_of_view() -> None:
     # Two stacks apart: the first is the reference unless another one is given.
     assert refusal(check_fields_of_view, [near[0], far]).path == "far"
     assert refusal(check_fields_of_view, [near[0], far], reference=1).path == "a"
+
+
+# Data that is not all there, and where its header cannot place it.
+
+
+def cut(path: Path, fraction: float = 0.5) -> Path:
+    """The file cut short, as an interrupted copy or a full disk leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize(
+    "name, problem", [("s.nii", "truncated"), ("s.nii.gz", "damaged"), ("s.nrrd", "truncated")]
+)
+def test_a_file_shorter_than_its_header_says_is_refused_for_every_voxel_type(tmp_path, dtype, name, problem):
+    path = write(intensities((6, 40, 40)).astype(dtype), tmp_path / name)
+    assert read_stack(path).data.shape == (6, 40, 40)
+    error = refusal(read_stack, cut(path))
+    assert error.path == str(path) and problem in error.problem
+
+
+def test_a_damaged_gzip_stream_is_refused(tmp_path):
+    path = write(intensities((6, 40, 40)), tmp_path / "s.nii.gz")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    assert "damaged" in refusal(read_stack, path).problem
+
+
+def test_a_file_is_decompressed_by_what_it_holds_not_by_its_name(tmp_path):
+    plain = write(intensities(), tmp_path / "plain.nii")
+    misnamed = tmp_path / "misnamed.nii.gz"
+    shutil.copy(plain, misnamed)
+    assert np.array_equal(read_stack(misnamed).data, read_stack(plain).data)
+
+
+def test_a_nifti_without_qform_and_sform_is_refused(tmp_path):
+    path = write(intensities(), tmp_path / "s.nii")
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = struct.pack("<hh", 0, 0)
+    path.write_bytes(bytes(raw))
+    assert "neither a qform nor an sform" in refusal(read_stack, path).problem
+
+
+# Intensities at the ends of the float range, and slice thicknesses.
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 3e34])
+def test_extreme_intensities_are_read_exactly_and_kept_near_one(tmp_path, scale):
+    values = intensities().astype(np.float64) * scale
+    stack = read_stack(write(values.astype(np.float32), tmp_path / "s.nii.gz"))
+    assert 1e-3 < float(np.median(stack.data)) < 1e3
+    assert np.log2(stack.intensity_unit) == np.round(np.log2(stack.intensity_unit))  # a power of two: exact
+    np.testing.assert_allclose(stack.data * stack.intensity_unit, values.astype(np.float32), rtol=1e-6)
+
+
+def test_normalized_stacks_start_at_one_and_keep_their_units(tmp_path):
+    values = intensities() * 250.0
+    stack = read_stack(write(values, tmp_path / "s.nii.gz"))
+    normalized = normalized_intensities(stack)
+    assert np.median(normalized.data[normalized.data != 0]) == pytest.approx(1.0)
+    np.testing.assert_allclose(normalized.data * normalized.intensity_unit, values, rtol=1e-6)
+    np.testing.assert_array_equal(stack.data, values)  # the input is not modified
+
+
+@pytest.mark.parametrize("thickness", [0.0, -2.0, 31.0, 1e6, float("nan")])
+def test_thicknesses_that_cannot_be_reconstructed_are_refused(tmp_path, thickness):
+    path = write(intensities(), tmp_path / "s.nii.gz")
+    error = refusal(read_stack, path, thickness=thickness)
+    assert error.path == str(path) and "--thicknesses" in error.problem
+
+
+def test_a_sidecar_thickness_is_checked_and_a_bad_one_ignored(tmp_path, caplog):
+    path = write(intensities(), tmp_path / "sub-01_T2w.nii.gz")
+    sidecar = tmp_path / "sub-01_T2w.json"
+    sidecar.write_text('{"SliceThickness": 3.5}')
+    assert read_stack(path).thickness == 3.5
+    sidecar.write_text('{"SliceThickness": 500}')
+    assert "sidecar sub-01_T2w.json" in refusal(read_stack, path).problem
+    for bad in ('"thick"', "-1", "true"):
+        sidecar.write_text(f'{{"SliceThickness": {bad}}}')
+        with caplog.at_level(logging.WARNING, logger="GaussianSVRLib.io.stacks"):
+            assert read_stack(path).thickness == pytest.approx(SPACING[2], abs=1e-6)
+        assert "ignored" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="GaussianSVRLib.io.stacks"):
+        read_stack(path, thickness=12.0)
+    assert "unusual" in caplog.text

@@ -30,7 +30,7 @@ from GaussianSVRLib.pipeline import Outputs, reconstruct
 from GaussianSVRLib.qa.metrics import evaluate
 from GaussianSVRLib.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = Settings(
     iterations=60, n_gaussians=1500, batch_pixels=4096, output_resolution=1.6, checkpoint_interval_s=1e9
 )

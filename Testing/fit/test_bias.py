@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -135,7 +137,7 @@ def test_pipeline_corrects_stacks_when_asked(phantom_stacks, monkeypatch, mode):
 
     def fake_correction(stack: Stack) -> Stack:
         corrected.append(stack.path)
-        return Stack(stack.path, stack.data * 2.0, stack.mask, stack.affine, stack.thickness)
+        return replace(stack, data=stack.data * 2.0)
 
     def stop(stacks, *_):
         seen.extend(stacks)
@@ -150,4 +152,5 @@ def test_pipeline_corrects_stacks_when_asked(phantom_stacks, monkeypatch, mode):
     ]
     factor = 2.0 if mode == "n4" else 1.0
     assert corrected == (phantom_stacks.stack_paths if mode == "n4" else [])
-    assert all(np.allclose(s.data, factor * o) for s, o in zip(seen, originals, strict=True))
+    pairs = zip(seen, originals, strict=True)
+    assert all(np.allclose(s.data * s.intensity_unit, factor * o) for s, o in pairs)

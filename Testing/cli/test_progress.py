@@ -25,7 +25,7 @@ from GaussianSVRLib.cli import EXIT_CANCELLED
 from GaussianSVRLib.io.progress import PROTOCOL_VERSION, decode
 from GaussianSVRLib.sim.simulate import SimulationResult
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(iterations: int) -> list[str]:

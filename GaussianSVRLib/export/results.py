@@ -1,0 +1,111 @@
+"""The final outputs of a run: where they go, and writing them as one set.
+
+Every file is staged first (written under a temporary name and read back), then, unless the run was
+cancelled meanwhile, all are renamed into place together: a run leaves either its whole set of
+outputs or none of them, and an earlier set stays untouched until the new one is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..fit.initialize import Problem
+from ..fit.quality import SliceQuality
+from ..io.gaussians_file import write_npz, write_vtp
+from ..io.outputs import OutputSet, save_image, save_json, save_png
+from .checkpoints import preview_paths
+from .frame import Snapshot, continuation
+from .qc import qc_image
+
+#: Ellipsoids drawn in the final .vtp (those carrying the most signal).
+FINAL_GLYPHS = 5000
+OUTPUT_KINDS = ("volume", "gaussians", "ellipsoids", "report", "qc")
+
+
+@dataclass
+class Outputs:
+    """Where results go; None skips an output. gaussians: the .npz and .vtp share its stem."""
+
+    volume: str | None = None
+    gaussians: str | None = None
+    report: str | None = None
+    preview_dir: str | None = None
+    qc: str | None = None
+
+    def gaussian_paths(self) -> tuple[str, str] | None:
+        if self.gaussians is None:
+            return None
+        stem = Path(self.gaussians)
+        stem = stem.with_suffix("") if stem.suffix in (".npz", ".vtp") else stem
+        return str(stem.with_suffix(".npz")), str(stem.with_suffix(".vtp"))
+
+    def files(self) -> dict[str, Path]:
+        """Every final output file by kind (OUTPUT_KINDS), those asked for."""
+        gaussians = self.gaussian_paths() or (None, None)
+        paths = {
+            "volume": self.volume,
+            "gaussians": gaussians[0],
+            "ellipsoids": gaussians[1],
+            "report": self.report,
+            "qc": self.qc,
+        }
+        return {kind: Path(path) for kind, path in paths.items() if path is not None}
+
+    def previews(self) -> dict[str, Path]:
+        return preview_paths(self.preview_dir) if self.preview_dir is not None else {}
+
+
+@dataclass
+class Reconstruction:
+    """What a run produced: the volume, the Gaussians (world), the report and the slice quality.
+
+    A cancelled run has no volume; its paths point at the last preview, if any.
+    """
+
+    volume: sitk.Image | None
+    gaussians: dict[str, np.ndarray]
+    report: dict[str, Any]
+    quality: SliceQuality | None
+    cancelled: bool = False
+    paths: dict[str, str | None] = field(default_factory=dict)
+
+
+def write_results(
+    outputs: Outputs,
+    problem: Problem,
+    state: Snapshot,
+    image: sitk.Image,
+    report: dict[str, Any],
+    quality: SliceQuality,
+    before_commit: Callable[[], None],
+) -> dict[str, str | None]:
+    """Stage every requested output, call ``before_commit`` (which raises to cancel: nothing is then
+    written), then put them all in place. Returns the written paths by kind (None: not asked for)."""
+    files = outputs.files()
+    paths: dict[str, str | None] = {
+        kind: str(files[kind]) if kind in files else None for kind in OUTPUT_KINDS
+    }
+    report["outputs"] = dict(paths)
+    with OutputSet() as staged:
+        if "volume" in files:
+            staged.add(files["volume"], partial(save_image, image))
+        if "gaussians" in files:
+            staged.add(
+                files["gaussians"], partial(write_npz, **state.gaussians(), **continuation(problem, state))
+            )
+            staged.add(files["ellipsoids"], partial(write_vtp, **state.gaussians(), max_count=FINAL_GLYPHS))
+        if "qc" in files and quality.predicted is not None:
+            picture = qc_image(report, problem.stacks, problem.slices, quality.predicted)
+            staged.add(files["qc"], partial(save_png, picture))
+        if "report" in files:
+            staged.add(files["report"], partial(save_json, report))
+        before_commit()
+        staged.commit()
+    return paths

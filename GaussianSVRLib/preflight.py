@@ -1,0 +1,80 @@
+"""Everything checked before a run does any work, in one place, for the command line and the Python API.
+
+The settings (their ranges, see settings.check), every output path (its format, its folder, that it
+can be replaced, that it is no input under another name), and a lock on the outputs so that a second
+run cannot write the same ones. The inputs themselves are judged as they are read (io/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError
+from .export.results import Outputs
+from .io.gaussians_file import init_path
+from .io.masks import is_no_mask
+from .io.outputs import OutputLock, check_folder_target, check_image_extension, check_not_inputs, check_target
+from .io.stacks import sidecar_path
+from .settings import Settings, check
+
+#: How each output is named in messages.
+OUTPUT_NAMES = {
+    "volume": "output volume",
+    "gaussians": "Gaussians file",
+    "ellipsoids": "ellipsoid file",
+    "report": "JSON report",
+    "qc": "quality-control picture",
+}
+
+
+def input_files(
+    stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings
+) -> dict[Path, str]:
+    """Every file the run reads, by what it is: stacks, their BIDS sidecars, masks, initial Gaussians."""
+    files: dict[Path, str] = {}
+    for path in stack_paths:
+        files[Path(path)] = "input stack"
+        if sidecar_path(path).is_file():
+            files[sidecar_path(path)] = "sidecar of the input stack"
+    for path in mask_paths or []:
+        if not is_no_mask(path):
+            files[Path(path)] = "input mask"
+    if settings.init_gaussians:
+        files[init_path(settings.init_gaussians)] = "initial Gaussians file"
+    return files
+
+
+def check_outputs(outputs: Outputs) -> dict[Path, str]:
+    """Refuse unusable output paths; returns every file the run may write, by what it is."""
+    files = outputs.files()
+    if "volume" in files:
+        check_image_extension(files["volume"])
+    if "qc" in files and not files["qc"].name.lower().endswith(".png"):
+        raise InputError(files["qc"], "the quality-control picture must end with .png")
+    targets = {}
+    for kind, path in files.items():
+        check_target(path, OUTPUT_NAMES[kind])
+        targets[path] = OUTPUT_NAMES[kind]
+    if outputs.preview_dir is not None:
+        check_folder_target(outputs.preview_dir, "preview folder")
+        for path in outputs.previews().values():
+            if path.exists() or path.is_symlink():
+                check_target(path, "preview file")
+            targets[path] = "preview file"
+    return targets
+
+
+@contextmanager
+def preflight(
+    stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings, outputs: Outputs
+) -> Iterator[list[str]]:
+    """Check before any work and hold the outputs' lock for the run; yields the settings' warnings."""
+    warnings = check(settings)
+    targets = check_outputs(outputs)
+    check_not_inputs(targets, input_files(stack_paths, mask_paths, settings))
+    # The preview files are rewritten all run long: their folder is locked as one.
+    locked = [*outputs.files().values(), *([Path(outputs.preview_dir)] if outputs.preview_dir else [])]
+    with OutputLock(locked):
+        yield warnings
