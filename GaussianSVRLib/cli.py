@@ -211,16 +211,28 @@ class StopSignal:
     def __init__(self, stop_file: str | None, watch_stdin: bool) -> None:
         self.event = threading.Event()
         self.stop_file = Path(stop_file) if stop_file else None
+        self.watch_stdin = watch_stdin
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: self.event.set())
-        if watch_stdin:
+            self.previous[signum] = signal.signal(signum, lambda *_: self.event.set())
+        if self.watch_stdin:
             threading.Thread(target=self.read_stdin, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def read_stdin(self) -> None:
-        for line in sys.stdin:
-            if line.strip() == "cancel":
-                self.event.set()
-                return
+        try:
+            for line in sys.stdin:
+                if line.strip() == "cancel":
+                    self.event.set()
+                    return
+        except (OSError, ValueError):  # no readable stdin: nothing to watch
+            return
         if stdin_is_a_pipe():
             self.event.set()
 

@@ -15,7 +15,14 @@ from .errors import InputError
 from .export.results import Outputs
 from .io.gaussians_file import init_path
 from .io.masks import is_no_mask
-from .io.outputs import OutputLock, check_folder_target, check_image_extension, check_not_inputs, check_target
+from .io.outputs import (
+    OutputLock,
+    check_folder_target,
+    check_image_extension,
+    check_not_inputs,
+    check_target,
+    same_file,
+)
 from .io.stacks import sidecar_path
 from .settings import Settings, check
 
@@ -53,9 +60,12 @@ def check_outputs(outputs: Outputs) -> dict[Path, str]:
         check_image_extension(files["volume"])
     if "qc" in files and not files["qc"].name.lower().endswith(".png"):
         raise InputError(files["qc"], "the quality-control picture must end with .png")
-    targets = {}
+    targets: dict[Path, str] = {}
     for kind, path in files.items():
         check_target(path, OUTPUT_NAMES[kind])
+        for other, what in targets.items():
+            if same_file(path, other):
+                raise InputError(path, f"is given both as the {what} and as the {OUTPUT_NAMES[kind]}")
         targets[path] = OUTPUT_NAMES[kind]
     if outputs.preview_dir is not None:
         check_folder_target(outputs.preview_dir, "preview folder")

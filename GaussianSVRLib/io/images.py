@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +21,40 @@ from .nifti import is_nifti, nifti_data_problem, nifti_geometry_problem, read_ni
 ORTHONORMAL_TOLERANCE = 1e-3
 
 
+log = logging.getLogger(__name__)
+
 #: Image files this engine reads and writes, by extension (checked lower-case; .nii.gz before .gz).
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 #: What ITK's readers say of a file whose voxel data is shorter than its header says (NRRD, MetaImage,
 #: compressed streams).
 TRUNCATION_MARKERS = ("got only", "not read completely", "Premature", "unexpected end", "truncated")
+
+
+@contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """Collect what C code (ITK's NIfTI and MetaImage libraries) prints on file descriptor 2 while the
+    block runs: their complaints become part of this engine's one-line messages instead of stray lines.
+    The lines are in the yielded list after the block."""
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lines
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+            for line in lines:
+                log.debug("ITK: %s", line)
 
 
 def metaimage_spacing(path: Path) -> np.ndarray | None:
@@ -55,10 +89,10 @@ def header_problem(path: Path, what: str) -> str | None:
 
 
 def itk_read_problem(error: RuntimeError, what: str) -> str:
-    """A one-line reason for an ITK read failure."""
+    """A one-line reason for an ITK read failure (its message, after what ITK's C code printed)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if any("spacing" in line.lower() for line in lines):
-        found = re.search(r"to (\[[^\]]*\])", lines[-1])
+        found = next(filter(None, (re.search(r"to (\[[^\]]*\])", line) for line in lines)), None)
         shown = f" {found.group(1)}" if found else ""
         return f"{what} has a zero or invalid spacing{shown} in its header"
     if any("orthonormal" in line.lower() for line in lines):
@@ -89,15 +123,20 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     problem = header_problem(path, what) or (nifti_data_problem(path, what) if is_nifti(path) else None)
     if problem is not None:
         raise InputError(path, problem)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
+    with native_stderr() as said:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            error = exc
+        else:
+            error = None
+    if error is not None:
         header = read_nifti_header(path) if is_nifti(path) else None
         if header is not None and header.version == 2:
             raise InputError(
                 path, f"{what} is a NIfTI-2 file, which this ITK cannot read: save it as NIfTI-1"
-            ) from None
-        raise InputError(path, itk_read_problem(exc, what)) from None
+            )
+        raise InputError(path, itk_read_problem(RuntimeError("\n".join([*said, str(error)])), what))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             path,

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .images import read_image
+from .images import native_stderr, read_image
 
 #: Image formats written in one file (a rename moves all of it).
 WRITABLE_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -163,8 +163,13 @@ def check_image_extension(path: str | Path, what: str = "output volume") -> None
 def save_image(image: sitk.Image, path: Path) -> None:
     """Write an image in the format of its extension and read it back (voxels included)."""
     check_image_extension(path)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    back = read_image(path, "written volume")
+    with native_stderr() as said:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    try:
+        back = read_image(path, "written volume")
+    except InputError as error:
+        # ITK's NIfTI writer says why (a full disk: "wrote only 0 of N bytes") on stderr, and returns.
+        raise OSError(errno.EIO, "; ".join(said[-1:]) or error.problem) from None
     if back.GetSize() != image.GetSize() or back.GetPixelID() != image.GetPixelID():
         raise OSError(errno.EIO, "the file read back differs from what was written")
 
@@ -196,8 +201,9 @@ def save_json(data: Mapping, path: Path) -> None:
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write a uint8 picture (rows, cols) or (rows, cols, 3) as PNG and read it back."""
-    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), str(path))
-    back = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    with native_stderr():
+        sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), str(path))
+        back = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
     if back.shape != array.shape:
         raise OSError(errno.EIO, "the file read back differs from what was written")
 

@@ -1,10 +1,13 @@
-"""Every input error of the engine issue (item 8) and the bad-input catalogue of issue 4 (item 7), each
-through a real ``python -m GaussianSVRLib reconstruct`` process.
+"""The catalogue of bad inputs and faults: files that are not what they claim (wrong, damaged, cut
+short), settings out of range, outputs that must not be written (inputs under any name, devices,
+links, locked by another run), and writes that fail (a full disk, a file-size limit), each through a
+real ``python -m GaussianSVRLib reconstruct`` process.
 
 Each case must exit with code 2, print exactly one line on stderr naming the file (or flag) and the
-problem, with no traceback; print nothing on stdout, or with ``--progress json`` exactly one
-protocol "error" message (which also proves the run failed before optimization started); leave
-nothing new in its output folder nor beside its inputs; and leave its inputs byte-identical.
+problem (after the warnings it expects, if any), with no traceback; print nothing on stdout, or with
+``--progress json`` exactly one protocol "error" message (which also proves the run failed before
+optimization started); leave nothing new in its output folder nor beside its inputs; and leave its
+inputs (and any earlier output) byte-identical.
 
 The processes are independent and spend most of their time importing torch, so the module fixture
 runs them a few at a time and the tests then check one outcome each.
@@ -14,6 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
+import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -50,6 +57,8 @@ class Case:
     watched: list[Path]  # folders where nothing may appear
     json: bool = False  # --progress json instead of the default bar mode
     inputs: list[Path] = field(default_factory=list)  # filled in: files that must stay unchanged
+    file_size_limit: int | None = None  # RLIMIT_FSIZE of the run, in bytes
+    warnings: list[str] = field(default_factory=list)  # keywords of the warnings expected before the error
 
 
 @dataclass
@@ -203,14 +212,14 @@ def wrong_mask_count(root: Path, stacks: SimulationResult) -> Case:
     return Case(args + outputs(root / "out"), [stacks.mask_paths[0]], "masks", [root / "out"], json=True)
 
 
-def bad_number(flag: str, value: str, json: bool = False) -> Builder:
+def bad_number(flag: str, value: str, problem: str, json: bool = False) -> Builder:
     """A flag value argparse must refuse (non-positive or not finite)."""
 
     def build(root: Path, stacks: SimulationResult) -> Case:
         args = stack_args(stacks) + outputs(root / "out")
         if flag != "--output-resolution":
             args += ["--output-resolution", "1.5"]
-        return Case(args + [flag, value], [flag], "positive", [root / "out"], json=json)
+        return Case(args + [flag, value], [flag], problem, [root / "out"], json=json)
 
     return build
 
@@ -238,8 +247,10 @@ def output_folder_is_file(root: Path, stacks: SimulationResult) -> Case:
 
 
 def grid_too_large(root: Path, stacks: SimulationResult) -> Case:
-    args = stack_args(stacks) + outputs(root / "out") + ["--output-resolution", "0.001"]
-    return Case(args, [str(root / "out" / "recon.nii.gz")], "GiB", [root / "out"], json=True)
+    args = stack_args(stacks) + outputs(root / "out") + ["--output-resolution", "0.05"]
+    case = Case(args, [str(root / "out" / "recon.nii.gz")], "GiB", [root / "out"], json=True)
+    case.warnings = ["--output-resolution 0.05 mm is unusual"]
+    return case
 
 
 def cuda_without_gpu(root: Path, stacks: SimulationResult) -> Case | None:
@@ -408,6 +419,297 @@ def folder_as_stack(root: Path, stacks: SimulationResult) -> Case:
     return one_bad_stack(root, stacks, bad, "is a folder")
 
 
+# ---------------------------------------------------------------- files that are not all there
+
+
+def cut_short(source: Path, target: Path, fraction: float = 0.5) -> Path:
+    """A copy of the file cut short, as an interrupted transfer or a full disk leaves it."""
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def truncated_stack(extension: str, dtype: type, problem: str, json: bool = False) -> Builder:
+    """A stack of the given voxel type and format whose data stops halfway (ITK fills NIfTI with 0)."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        image = sitk.ReadImage(stacks.stack_paths[1])
+        whole = write(sitk.GetArrayFromImage(image).astype(dtype), image, root / f"whole{extension}")
+        bad = cut_short(whole, root / f"truncated{extension}")
+        whole.unlink()
+        return one_bad_stack(root, stacks, bad, problem, json=json)
+
+    return build
+
+
+def truncated_mask(root: Path, stacks: SimulationResult) -> Case:
+    bad = cut_short(Path(stacks.mask_paths[1]), root / "truncated_mask.nii.gz", 0.6)
+    return one_bad_mask(root, stacks, bad, "damaged", json=True)
+
+
+def damaged_gzip(root: Path, stacks: SimulationResult) -> Case:
+    data = bytearray(Path(stacks.stack_paths[1]).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 256] = bytes(256)
+    bad = root / "damaged.nii.gz"
+    bad.write_bytes(bytes(data))
+    return one_bad_stack(root, stacks, bad, "damaged")
+
+
+def no_qform_no_sform(root: Path, stacks: SimulationResult) -> Case:
+    def clear_codes(raw: bytearray) -> None:
+        raw[252:256] = struct.pack("<hh", 0, 0)
+
+    bad = patched_nifti(stacks.stack_paths[1], root / "no_orientation.nii", clear_codes)
+    return one_bad_stack(root, stacks, bad, "neither a qform nor an sform", json=True)
+
+
+def mask_with_nan(root: Path, stacks: SimulationResult) -> Case:
+    mask = sitk.ReadImage(stacks.mask_paths[1])
+    array = sitk.GetArrayFromImage(mask).astype(np.float32)
+    array[array.shape[0] // 2, 0, 0] = np.nan
+    return one_bad_mask(root, stacks, write(array, mask, root / "mask_nan.nii.gz"), "NaN")
+
+
+def zeros_inside_mask(root: Path, stacks: SimulationResult) -> Case:
+    image = sitk.ReadImage(stacks.stack_paths[1])
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(stacks.mask_paths[1])) > 0
+    array = np.where(mask, 0.0, sitk.GetArrayFromImage(image)).astype(np.float32)
+    bad = write(array, image, root / "dark_brain.nii.gz")
+    args = ["--input-stacks", stacks.stack_paths[0], str(bad), "--stack-masks", stacks.mask_paths[0],
+            stacks.mask_paths[1]] + outputs(root / "out")  # fmt: skip
+    return Case(args, [str(bad)], "no non-zero voxel inside its mask", [root, root / "out"], json=True)
+
+
+def no_mask_at_all(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks, masks=False) + ["--stack-masks", "none", "none", "none"] + outputs(root / "out")
+    return Case(args, [stacks.stack_paths[0]], "no brain mask given", [root / "out"])
+
+
+def missing_mask(root: Path, stacks: SimulationResult) -> Case:
+    return one_bad_mask(root, stacks, root / "absent_mask.nii.gz", "does not exist", json=True)
+
+
+def mask_is_folder(root: Path, stacks: SimulationResult) -> Case:
+    (root / "mask_folder.nii.gz").mkdir()
+    return one_bad_mask(root, stacks, root / "mask_folder.nii.gz", "is a folder")
+
+
+def sidecar_thickness_absurd(root: Path, stacks: SimulationResult) -> Case:
+    stack = root / "sub-01_run-1_T2w.nii.gz"
+    stack.write_bytes(Path(stacks.stack_paths[1]).read_bytes())
+    (root / "sub-01_run-1_T2w.json").write_text('{"SliceThickness": 300}')
+    args = ["--input-stacks", stacks.stack_paths[0], str(stack), "--stack-masks", stacks.mask_paths[0],
+            stacks.mask_paths[1]] + outputs(root / "out")  # fmt: skip
+    return Case(args, [str(stack)], "from its sidecar", [root, root / "out"], json=True)
+
+
+def nifti_2(root: Path, stacks: SimulationResult) -> Case:
+    """A NIfTI-2 header (540 bytes), which this ITK cannot read."""
+    header = bytearray(544)
+    struct.pack_into("<i", header, 0, 540)
+    header[4:12] = b"n+2\x00\r\n\x1a\n"
+    struct.pack_into("<h", header, 12, 16)  # float32
+    struct.pack_into("<8q", header, 16, 3, 8, 8, 4, 1, 1, 1, 1)
+    struct.pack_into("<8d", header, 104, 1, 1.2, 1.2, 2.4, 1, 1, 1, 1)
+    struct.pack_into("<q", header, 168, 544)
+    struct.pack_into("<ii", header, 344, 1, 0)  # a qform only
+    bad = root / "nifti2.nii"
+    bad.write_bytes(bytes(header) + tiny_stack(shape=(4, 8, 8)).tobytes())
+    return one_bad_stack(root, stacks, bad, "NIfTI-2")
+
+
+def zero_dimension(root: Path, stacks: SimulationResult) -> Case:
+    def zero_width(raw: bytearray) -> None:
+        struct.pack_into("<h", raw, 42, 0)
+
+    bad = patched_nifti(stacks.stack_paths[1], root / "zero_width.nii", zero_width)
+    return one_bad_stack(root, stacks, bad, "stack", json=True)
+
+
+# ---------------------------------------------------------------- settings out of range
+
+
+def bad_setting(flag: str, value: str, problem: str, json: bool = False) -> Builder:
+    """A setting the engine refuses before reading anything (settings.check or argparse)."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        args = stack_args(stacks) + outputs(root / "out") + [flag, value]
+        return Case(args, [flag], problem, [root / "out"], json=json)
+
+    return build
+
+
+def unknown_flag(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks) + outputs(root / "out") + ["--output-resoluton", "1.0"]
+    return Case(args, ["--output-resoluton"], "unrecognized arguments", [root / "out"], json=True)
+
+
+def missing_output_volume(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks) + ["--output-json", str(root / "out" / "report.json")]
+    return Case(args, ["--output-volume"], "required", [root / "out"])
+
+
+def reference_stack_beyond(root: Path, stacks: SimulationResult) -> Case:
+    args = stack_args(stacks) + outputs(root / "out") + ["--reference-stack", "7"]
+    return Case(args, ["--reference-stack"], "does not exist", [root / "out"], json=True)
+
+
+# ---------------------------------------------------------------- outputs that must not be written
+
+
+def output_is_input(kind: str) -> Builder:
+    """An output path that is an input: the stack itself, its mask, or its BIDS sidecar."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        stack = root / "sub-01_T2w.nii.gz"
+        stack.write_bytes(Path(stacks.stack_paths[1]).read_bytes())
+        sidecar = root / "sub-01_T2w.json"
+        sidecar.write_text('{"SliceThickness": 2.4}')
+        mask = root / "sub-01_mask.nii.gz"
+        mask.write_bytes(Path(stacks.mask_paths[1]).read_bytes())
+        args = [
+            "--input-stacks",
+            stacks.stack_paths[0],
+            str(stack),
+            "--stack-masks",
+            stacks.mask_paths[0],
+            str(mask),
+        ]
+        flag, target, what = {
+            "stack": ("--output-volume", stack, "input stack"),
+            "mask": ("--output-volume", mask, "input mask"),
+            "sidecar": ("--output-json", sidecar, "sidecar"),
+        }[kind]
+        rest = ["--output-volume", str(root / "out" / "v.nii.gz")] if flag != "--output-volume" else []
+        return Case(
+            args + [flag, str(target)] + rest, [str(target)], what, [root, root / "out"], json=kind == "mask"
+        )
+
+    return build
+
+
+def output_links_to_input(link: str) -> Builder:
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        target = root / "out" / "recon.nii.gz"
+        (os.link if link == "hard" else os.symlink)(stacks.stack_paths[1], target)
+        problem = "would overwrite the input stack" if link == "hard" else "symbolic link"
+        args = stack_args(stacks) + ["--output-volume", str(target)]
+        return Case(args, [str(target)], problem, [root / "out"], json=link == "hard")
+
+    return build
+
+
+def output_is_special(kind: str) -> Builder:
+    """An output path that exists and is no regular file: a named pipe, a device node, a folder."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case | None:
+        target = root / "out" / "report.json"
+        if kind == "pipe":
+            os.mkfifo(target)
+        elif kind == "device":
+            try:
+                os.mknod(
+                    target, 0o666 | stat.S_IFCHR, os.makedev(1, 3)
+                )  # like /dev/null, in the test's folder
+            except (PermissionError, OSError):
+                return None
+        else:
+            target.mkdir()
+        args = stack_args(stacks) + [
+            "--output-volume",
+            str(root / "out" / "v.nii.gz"),
+            "--output-json",
+            str(target),
+        ]
+        problem = "is a folder" if kind == "folder" else "not a regular file"
+        return Case(args, [str(target)], problem, [root / "out"], json=kind == "pipe")
+
+    return build
+
+
+def output_extension(flag: str, name: str, problem: str) -> Builder:
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        target = root / "out" / name
+        rest = [] if flag == "--output-volume" else ["--output-volume", str(root / "out" / "v.nii.gz")]
+        return Case(stack_args(stacks) + rest + [flag, str(target)], [str(target)], problem, [root / "out"])
+
+    return build
+
+
+def two_outputs_one_path(root: Path, stacks: SimulationResult) -> Case:
+    same = root / "out" / "qc.png"
+    volume = str(root / "out" / "v.nii.gz")
+    args = stack_args(stacks) + [
+        "--output-volume",
+        volume,
+        "--output-json",
+        str(same),
+        "--output-qc",
+        str(same),
+    ]
+    return Case(args, [str(same)], "given both as", [root / "out"], json=True)
+
+
+def preview_dir_is_file(root: Path, stacks: SimulationResult) -> Case:
+    (root / "out" / "preview").write_text("a file\n")
+    args = stack_args(stacks) + ["--output-volume", str(root / "out" / "v.nii.gz"), "--preview-dir",
+                                 str(root / "out" / "preview")]  # fmt: skip
+    return Case(args, [str(root / "out" / "preview")], "not a folder", [root / "out"])
+
+
+def preview_would_overwrite_input(root: Path, stacks: SimulationResult) -> Case:
+    """The preview folder is the stacks' folder, where a stack happens to be named like a preview."""
+    stack = root / "preview.nii.gz"
+    stack.write_bytes(Path(stacks.stack_paths[1]).read_bytes())
+    args = ["--input-stacks", stacks.stack_paths[0], str(stack), "--stack-masks", *stacks.mask_paths[:2],
+            "--output-volume", str(root / "out" / "v.nii.gz"), "--preview-dir", str(root)]  # fmt: skip
+    return Case(args, [str(stack)], "would overwrite the input stack", [root, root / "out"], json=True)
+
+
+def gaussians_over_their_input(root: Path, stacks: SimulationResult) -> Case:
+    """--output-gaussians over the --init-gaussians it continues from."""
+    previous = root / "previous.npz"
+    previous.write_bytes(b"PK\x03\x04 not read: refused before")
+    args = stack_args(stacks) + ["--output-volume", str(root / "out" / "v.nii.gz"), "--init-gaussians",
+                                 str(previous), "--output-gaussians", str(root / "previous")]  # fmt: skip
+    return Case(args, [str(previous)], "initial Gaussians file", [root, root / "out"])
+
+
+def outputs_locked(root: Path, stacks: SimulationResult) -> Case:
+    """Another run (this test process, alive) holds the lock of the output volume."""
+    volume = root / "out" / "v.nii.gz"
+    (root / "out" / ".v.nii.gz.gaussiansvr-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    args = stack_args(stacks) + ["--output-volume", str(volume)]
+    return Case(args, [str(volume)], f"being written by process {os.getpid()}", [root / "out"], json=True)
+
+
+def full_disk(root: Path, stacks: SimulationResult) -> Case | None:
+    """The output folder is a 1 MiB file system (tmpfs) holding an earlier, good result: the new volume does
+    not fit, which ITK's writer reports on stderr only. The earlier file must be left as it was."""
+    disk = root / "out" / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        return None
+    MOUNTS.append(disk)
+    (disk / "v.nii.gz").write_bytes(b"an earlier result\n")
+    args = stack_args(stacks) + ["--output-volume", str(disk / "v.nii.gz"), "--output-resolution", "0.6"]
+    return Case(args, [str(disk / "v.nii.gz")], "could not be written", [disk])
+
+
+def file_size_limit(root: Path, stacks: SimulationResult) -> Case:
+    """A file-size limit (RLIMIT_FSIZE, as a quota imposes) below the volume's size, over an earlier one."""
+    volume = root / "out" / "v.nii.gz"
+    volume.write_bytes(b"an earlier result\n")
+    args = stack_args(stacks) + ["--output-volume", str(volume), "--output-resolution", "0.6"]
+    return Case(args, [str(volume)], "could not be written", [root / "out"], file_size_limit=1 << 20)
+
+
+#: tmpfs mounted by the cases, unmounted when the module's runs are done.
+MOUNTS: list[Path] = []
+
+
 CASES: dict[str, Builder] = {
     "missing file": missing_file,
     "unreadable file": unreadable_file,
@@ -420,10 +722,10 @@ CASES: dict[str, Builder] = {
     "NaN voxels in NRRD": bad_voxel(float("nan"), "NaN", ".nrrd", json=False),
     "wrong number of thicknesses": wrong_thickness_count,
     "wrong number of masks": wrong_mask_count,
-    "zero resolution": bad_number("--output-resolution", "0"),
-    "negative resolution": bad_number("--output-resolution", "-1.5"),
-    "infinite resolution": bad_number("--output-resolution", "inf"),
-    "zero thickness": bad_number("--thicknesses", "0", json=True),
+    "zero resolution": bad_number("--output-resolution", "0", "between 0.05 and 20"),
+    "negative resolution": bad_number("--output-resolution", "-1.5", "between 0.05 and 20"),
+    "infinite resolution": bad_number("--output-resolution", "inf", "between 0.05 and 20"),
+    "zero thickness": bad_number("--thicknesses", "0", "positive", json=True),
     "unwritable output folder": unwritable_output,
     "output folder does not exist": missing_output_folder,
     "output folder is a file": output_folder_is_file,
@@ -446,17 +748,92 @@ CASES: dict[str, Builder] = {
     "same stack given twice": stack_twice,
     "empty (0-byte) file": empty_file,
     "folder given as a stack": folder_as_stack,
+    "truncated .nii (int16)": truncated_stack(".nii", np.int16, "truncated", json=True),
+    "truncated .nii (float32)": truncated_stack(".nii", np.float32, "truncated"),
+    "truncated .nii.gz (uint8)": truncated_stack(".nii.gz", np.uint8, "damaged"),
+    "truncated .nii.gz (float64)": truncated_stack(".nii.gz", np.float64, "damaged", json=True),
+    "truncated NRRD": truncated_stack(".nrrd", np.float32, "truncated"),
+    "truncated MetaImage": truncated_stack(".mha", np.int16, "truncated", json=True),
+    "truncated mask": truncated_mask,
+    "damaged gzip stream": damaged_gzip,
+    "NIfTI without qform and sform": no_qform_no_sform,
+    "NIfTI-2 file": nifti_2,
+    "NIfTI with a zero dimension": zero_dimension,
+    "mask with NaN voxels": mask_with_nan,
+    "stack dark inside its mask": zeros_inside_mask,
+    "no mask for any stack": no_mask_at_all,
+    "missing mask file": missing_mask,
+    "folder given as a mask": mask_is_folder,
+    "absurd sidecar thickness": sidecar_thickness_absurd,
+    "thickness 1e6 mm": bad_setting("--thicknesses", "1e6", "must be in (0, 30] mm"),
+    "n-gaussians below k": bad_setting("--n-gaussians", "4", "fewer than the 16", json=True),
+    "n-gaussians 1e9": bad_setting("--n-gaussians", "1000000000", "between 0 and"),
+    "resolution 1e-300": bad_setting("--output-resolution", "1e-300", "between 0.05 and 20", json=True),
+    "resolution 50 mm": bad_setting("--output-resolution", "50", "between 0.05 and 20"),
+    "NaN scale regularization": bad_setting("--scale-regularization", "nan", "at least 0", json=True),
+    "negative scale regularization": bad_setting("--scale-regularization", "-1", "at least 0"),
+    "no neighbours": bad_setting("--k-neighbours", "0", "between 1 and 256"),
+    "1000 neighbours": bad_setting("--k-neighbours", "1000", "between 1 and 256", json=True),
+    "batch of 0 pixels": bad_setting("--batch-pixels", "0", "between 1 and"),
+    "0 iterations": bad_setting("--iterations", "0", "between 1 and", json=True),
+    "iterations not a number": bad_setting("--iterations", "many", "not an integer"),
+    "negative seed": bad_setting("--seed", "-1", "between 0 and"),
+    "seed beyond 2**31": bad_setting("--seed", str(2**40), "between 0 and", json=True),
+    "mask dilation 500 mm": bad_setting("--mask-dilation", "500", "between 0 and 50 mm"),
+    "NaN mask dilation": bad_setting("--mask-dilation", "nan", "between 0 and 50 mm", json=True),
+    "zero checkpoint interval": bad_setting("--checkpoint-interval", "0", "above 0"),
+    "negative reference stack": bad_setting("--reference-stack", "-1", "at least 0", json=True),
+    "reference stack beyond the stacks": reference_stack_beyond,
+    "unknown PSF mode": bad_setting("--psf", "gaussian", "invalid choice"),
+    "misspelt flag": unknown_flag,
+    "no output volume": missing_output_volume,
+    "output volume is an input stack": output_is_input("stack"),
+    "output volume is an input mask": output_is_input("mask"),
+    "JSON report is a stack's sidecar": output_is_input("sidecar"),
+    "output hard-linked to an input": output_links_to_input("hard"),
+    "output is a symbolic link": output_links_to_input("symbolic"),
+    "output is a named pipe": output_is_special("pipe"),
+    "output is a device node": output_is_special("device"),
+    "output is a folder": output_is_special("folder"),
+    "output volume .mhd (two files)": output_extension("--output-volume", "v.mhd", "two-file"),
+    "output volume .png": output_extension("--output-volume", "v.png", "must end with one of"),
+    "QC picture not .png": output_extension("--output-qc", "qc.jpg", "must end with .png"),
+    "two outputs on one path": two_outputs_one_path,
+    "preview folder is a file": preview_dir_is_file,
+    "preview would overwrite an input": preview_would_overwrite_input,
+    "Gaussians over the ones continued from": gaussians_over_their_input,
+    "outputs locked by another run": outputs_locked,
+    "disk full (tmpfs)": full_disk,
+    "file size limit": file_size_limit,
 }
 
 
+def limited(size: int | None) -> Callable[[], None] | None:
+    """A preexec_fn that caps the size of files the run writes (write then fails with EFBIG)."""
+    if size is None:
+        return None
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return apply
+
+
 def run(case: Case) -> tuple[int | None, str, str, float]:
-    command = [sys.executable, "-m", "GaussianSVRLib", "reconstruct", *case.args, *TINY,
+    # TINY first, so that a case's own settings override it.
+    command = [sys.executable, "-m", "GaussianSVRLib", "reconstruct", *TINY, *case.args,
                "--progress", "json" if case.json else "bar"]  # fmt: skip
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
+    if case.file_size_limit is not None:
+        env["GAUSSIANSVR_KERNEL"] = "torch"  # no kernel compilation, whose cache the limit would hit
     started = time.monotonic()
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+            stdin=subprocess.DEVNULL, preexec_fn=limited(case.file_size_limit),
+        )  # fmt: skip
     except subprocess.TimeoutExpired as expired:
         return None, str(expired.stdout or ""), str(expired.stderr or ""), TIMEOUT_S
     return done.returncode, done.stdout, done.stderr, time.monotonic() - started
@@ -490,6 +867,8 @@ def outcomes(
     yield result
     for folder in tmp_path_factory.getbasetemp().glob("cli_error*/locked"):
         folder.chmod(0o700)
+    for disk in MOUNTS:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -502,7 +881,10 @@ def test_error_is_one_line_exit_2_and_leaves_nothing(name: str, outcomes: dict[s
     assert "Traceback" not in outcome.stderr, f"after {outcome.seconds:.0f} s:\n{outcome.stderr}"
     assert outcome.returncode == EXIT_INPUT_ERROR, f"after {outcome.seconds:.0f} s:\n{outcome.stderr}"
     lines = outcome.stderr.splitlines()
-    assert len(lines) == 1, f"stderr has {len(lines)} lines:\n{outcome.stderr}"
+    assert len(lines) == 1 + len(case.warnings), f"stderr has {len(lines)} lines:\n{outcome.stderr}"
+    for line, warning in zip(lines, case.warnings, strict=False):
+        assert line.startswith("WARNING") and warning in line, line
+    lines = lines[len(case.warnings) :]
     for named in case.names:
         assert named in lines[0], f"{named!r} not named in: {lines[0]}"
     assert case.problem.lower() in lines[0].lower(), lines[0]
