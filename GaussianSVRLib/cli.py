@@ -304,16 +304,12 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     outputs = Outputs(
         args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, args.output_qc
     )
+    settings = settings_from(args)
     try:
-        result = reconstruct(
-            args.input_stacks,
-            args.stack_masks,
-            args.thicknesses,
-            settings_from(args),
-            outputs,
-            emitter or bar,
-            stop,
-        )
+        with stop:
+            result = reconstruct(
+                args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs, emitter or bar, stop
+            )
     finally:
         if bar is not None:
             bar.close()

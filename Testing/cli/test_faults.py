@@ -98,7 +98,7 @@ def test_a_signal_after_the_last_iteration_still_cancels(phantom_stacks, tmp_pat
                            "json", "--output-resolution", "0.8", *out_args(out)), stderr)  # fmt: skip
     read_until(process, lambda m: m["type"] == "progress" and m["iter"] == m["total"])
     process.send_signal(signum)
-    rest = process.stdout.read()
+    rest = process.communicate(timeout=WITHIN_S)[0]
     assert finish(process) == EXIT_CANCELLED, stderr.read_text()
     assert "Traceback" not in stderr.read_text()
     assert os.listdir(out) == [], "a final output (or a temporary or lock file) was written"
@@ -126,7 +126,7 @@ def test_the_end_of_a_piped_stdin_means_cancel(phantom_stacks, tmp_path):
     process = start(engine(phantom_stacks, *ENDLESS, "--progress", "json", *out_args(out)), stderr)
     read_until(process, lambda m: m["type"] == "progress")
     process.stdin.close()
-    messages = [decode(line) for line in process.stdout.read().splitlines()]
+    messages = [decode(line) for line in process.communicate(timeout=WITHIN_S)[0].splitlines()]
     assert finish(process) == EXIT_CANCELLED, stderr.read_text()
     assert messages[-1]["type"] == "done" and messages[-1]["cancelled"] is True
     assert os.listdir(out) == []
@@ -144,9 +144,7 @@ def test_a_second_run_on_the_same_outputs_is_refused_and_the_first_goes_on(phant
     assert second.returncode == EXIT_INPUT_ERROR
     assert f"being written by process {first.pid}" in second.stderr and len(second.stderr.splitlines()) == 1
     assert first.poll() is None, "the first run was disturbed"
-    first.stdin.write("cancel\n")
-    first.stdin.flush()
-    first.stdout.read()
+    first.communicate("cancel\n", timeout=WITHIN_S)
     assert finish(first) == EXIT_CANCELLED
     assert os.listdir(out) == [], "the locks were not removed"
 

@@ -3,6 +3,7 @@ nodes, ellipsoids), nodes -> worker files, undoing a failed run, and a whole ses
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import textwrap
@@ -474,6 +475,48 @@ def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
     assert scene.GetNumberOfNodes() == before
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), 5.0)
     assert run.output_volume is output and run.gaussians_model is None
+
+
+def test_a_failed_run_keeps_its_work_folder_and_logs_the_worker(scene, tmp_path, caplog):
+    lines = [
+        progress.encode("started", device="cpu", total=10),
+        progress.encode("error", message="bad stack"),
+    ]
+    run, _ = run_scripted(scene, tmp_path, lines, exit_code=2)
+    with caplog.at_level(logging.INFO, logger="GaussianSVR.worker"):
+        run.start()
+        state = run.wait(timeout_s=30)
+    assert state.outcome is Outcome.BAD_INPUT
+    assert run.clean_up() == run.work_dir and (run.work_dir / "stack_00.nrrd").is_file()
+    logged = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert ("INFO", "about to exit") in logged and ("ERROR", "bad stack") in logged
+
+
+def test_a_finished_run_removes_its_work_folder(scene, tmp_path):
+    run, _ = run_scripted(scene, tmp_path, [progress.encode("started", device="cpu", total=1)], exit_code=0)
+    run.start()
+    run.wait(timeout_s=30)
+    assert run.state.outcome is Outcome.FAILED  # exit 0 without a "done" message is no success either
+    assert run.clean_up() == run.work_dir
+    run, _ = run_scripted(
+        scene, tmp_path / "b", [progress.encode("started", device="cpu", total=1)], exit_code=0
+    )
+    run.start()
+    run.cancel()
+    run.wait(timeout_s=30)
+    assert run.clean_up() is None and not run.work_dir.exists()
+
+
+def test_saving_to_a_folder_needs_a_chosen_existing_folder(tmp_path):
+    assert session.output_folder(False, "") is None and session.output_folder(False, None) is None
+    for unchosen in ("", ".", None, "   "):
+        with pytest.raises(inputs.InputProblem, match="no folder is chosen"):
+            session.output_folder(True, unchosen)
+    with pytest.raises(inputs.InputProblem, match="does not exist"):
+        session.output_folder(True, tmp_path / "missing")
+    with pytest.raises(inputs.InputProblem, match="does not exist"):
+        session.output_folder(True, "relative/folder")
+    assert session.output_folder(True, str(tmp_path)) == tmp_path
 
 
 def test_a_result_that_cannot_be_loaded_is_a_failure(scene, tmp_path):
