@@ -95,12 +95,16 @@ def read_problem(
     """Stacks read and checked, masked (given or propagated), bias-corrected and normalized."""
     stacks = read_stacks(list(stack_paths), list(mask_paths) if mask_paths else None, list(thicknesses or []))
     run.check()
-    stacks = prepare_masks(stacks, settings.mask_dilation_mm, settings.seed)
+    # Normalized before N4 too, so that the correction sees the same numbers whatever the file's units.
+    stacks = [
+        normalized_intensities(stack)
+        for stack in prepare_masks(stacks, settings.mask_dilation_mm, settings.seed)
+    ]
     run.check()
     if settings.bias_correction == "n4":
-        stacks = [correct_bias(stack) for stack in stacks]
+        stacks = [normalized_intensities(correct_bias(stack)) for stack in stacks]
         run.check()
-    return prepare([normalized_intensities(stack) for stack in stacks], settings, volume_path)
+    return prepare(stacks, settings, volume_path)
 
 
 def data_stages(problem: Problem, settings: Settings, device: torch.device) -> dict[str, SliceTensors]:

@@ -82,3 +82,34 @@ def test_motion_is_recovered(phantom, tmp_path):
         np.median(translation),
         np.median(translation0),
     )
+
+
+def scaled_copy(path: str, factor: float, target) -> str:
+    image = sitk.ReadImage(path)
+    array = sitk.GetArrayFromImage(image).astype(np.float64) * factor
+    scaled = sitk.GetImageFromArray(array.astype(np.float32))
+    scaled.CopyInformation(image)
+    sitk.WriteImage(scaled, str(target))
+    return str(target)
+
+
+def test_a_stack_in_other_units_gives_the_same_volume(phantom_stacks, tmp_path):
+    """One stack scaled by 2**110 (its squares overflow float32), another by 2**-100 (they underflow): each
+    stack is brought to a common level first, so the volume is exactly the one the plain stacks give, in
+    the units of the reference stack, and the slice scales say how the stacks' units differ. (Powers of
+    two keep every rounding the same; other factors change the roundings, hence the run a little.)"""
+    settings = Settings(iterations=20, batch_pixels=4096, output_resolution=2.0, reference_stack=0, seed=2)
+    paths, masks = list(phantom_stacks.stack_paths), phantom_stacks.mask_paths
+    plain = reconstruct(paths, masks, None, settings)
+    big, small = 2.0**110, 2.0**-100
+    odd = [
+        scaled_copy(paths[0], big, tmp_path / "a.nii.gz"),
+        scaled_copy(paths[1], small, tmp_path / "b.nii.gz"),
+    ]
+    scaled = reconstruct([*odd, paths[2]], masks, None, settings)
+    a, b = sitk.GetArrayFromImage(plain.volume), sitk.GetArrayFromImage(scaled.volume)
+    assert np.isfinite(b).all() and np.isfinite(scaled.gaussians["means"]).all()
+    np.testing.assert_allclose(b / big, a, rtol=1e-5, atol=1e-5 * float(a.max()))
+    scales = [[s["scale"] for s in result.report["slices"] if s["stack"] == 1] for result in (plain, scaled)]
+    np.testing.assert_allclose(np.array(scales[1]) * big / small, scales[0], rtol=1e-5)
+    assert [s["status"] for s in scaled.report["stacks"]] == [s["status"] for s in plain.report["stacks"]]

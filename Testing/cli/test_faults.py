@@ -125,8 +125,8 @@ def test_the_end_of_a_piped_stdin_means_cancel(phantom_stacks, tmp_path):
     stderr = tmp_path / "stderr"
     process = start(engine(phantom_stacks, *ENDLESS, "--progress", "json", *out_args(out)), stderr)
     read_until(process, lambda m: m["type"] == "progress")
-    process.stdin.close()
-    messages = [decode(line) for line in process.communicate(timeout=WITHIN_S)[0].splitlines()]
+    rest = process.communicate(timeout=WITHIN_S)[0]  # closes its stdin first, then reads to the end
+    messages = [decode(line) for line in rest.splitlines()]
     assert finish(process) == EXIT_CANCELLED, stderr.read_text()
     assert messages[-1]["type"] == "done" and messages[-1]["cancelled"] is True
     assert os.listdir(out) == []

@@ -498,9 +498,8 @@ def test_a_finished_run_removes_its_work_folder(scene, tmp_path):
     run.wait(timeout_s=30)
     assert run.state.outcome is Outcome.FAILED  # exit 0 without a "done" message is no success either
     assert run.clean_up() == run.work_dir
-    run, _ = run_scripted(
-        scene, tmp_path / "b", [progress.encode("started", device="cpu", total=1)], exit_code=0
-    )
+    (tmp_path / "b").mkdir()
+    run, _ = run_scripted(scene, tmp_path / "b", [progress.encode("started", device="cpu", total=1)], 0)
     run.start()
     run.cancel()
     run.wait(timeout_s=30)
