@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -68,33 +67,12 @@ def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ affine[:3, :3].T + affine[:3, 3]
 
 
-def skew(v: torch.Tensor) -> torch.Tensor:
-    """Cross-product matrices (..., 3, 3) of vectors (..., 3)."""
-    zero = torch.zeros_like(v[..., 0])
-    x, y, z = v.unbind(-1)
-    return torch.stack(
-        [torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1), torch.stack([-y, x, zero], -1)], -2
-    )
-
-
-def rotvec_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rodrigues: rotation vectors (..., 3) in radians -> rotation matrices (..., 3, 3).
-
-    Uses the Taylor series near zero so that gradients stay finite at the identity.
-    """
-    theta2 = (rotvec * rotvec).sum(-1, keepdim=True)[..., None]
-    theta = torch.sqrt(theta2.clamp_min(1e-12))
-    small = theta2 < 1e-8
-    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2.clamp_min(1e-12))
-    k = skew(rotvec)
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device).expand(k.shape)
-    return eye + a * k + b * (k @ k)
-
-
 def rotvec_to_matrix_np(rotvec: np.ndarray) -> np.ndarray:
-    """rotvec_to_matrix for numpy: rotation vectors (..., 3) radians -> float64 matrices (..., 3, 3)."""
-    return rotvec_to_matrix(torch.as_tensor(np.asarray(rotvec, dtype=np.float64))).numpy()
+    """Rotation vectors (..., 3) radians -> float64 rotation matrices (..., 3, 3)."""
+    from scipy.spatial.transform import Rotation
+
+    rotvec = np.asarray(rotvec, dtype=np.float64)
+    return Rotation.from_rotvec(rotvec.reshape(-1, 3)).as_matrix().reshape(*rotvec.shape[:-1], 3, 3)
 
 
 def matrix_to_rotvec(matrix: np.ndarray) -> np.ndarray:
@@ -103,27 +81,6 @@ def matrix_to_rotvec(matrix: np.ndarray) -> np.ndarray:
 
     shape = matrix.shape[:-2]
     return Rotation.from_matrix(matrix.reshape(-1, 3, 3)).as_rotvec().reshape(*shape, 3)
-
-
-def quaternion_to_matrix(quat: torch.Tensor) -> torch.Tensor:
-    """Quaternions (..., 4) as (w, x, y, z), not necessarily unit -> rotation matrices (..., 3, 3)."""
-    q = quat / quat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
-
-
-def apply_slice_motion(
-    points: torch.Tensor, centre: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor
-) -> torch.Tensor:
-    """x = R (p - c) + c + t for points (P, 3), with per-point centre (P, 3), R (P, 3, 3), t (P, 3)."""
-    return torch.einsum("pij,pj->pi", rotation, points - centre) + centre + translation
 
 
 def rigid_to_slice_motion(

@@ -18,11 +18,11 @@ from GaussianSVRLib.geometry import (
     kabsch,
     matrix_to_rotvec,
     rigid_to_slice_motion,
-    rotvec_to_matrix,
 )
 from GaussianSVRLib.io.slices import extract_slices, psf_sigmas
 from GaussianSVRLib.io.stacks import read_stack, read_stacks
 from GaussianSVRLib.model.motion import compose_rigid
+from GaussianSVRLib.model.rotations import rotvec_to_matrix
 
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()
 

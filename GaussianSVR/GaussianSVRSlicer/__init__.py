@@ -5,3 +5,8 @@ Everything here imports without a running Slicer application: ``runner``, ``run_
 ``session`` use only MRML, vtk, numpy and SimpleITK (they run with the ``slicer-core`` wheel).
 Only ``stack_table`` needs Slicer's Qt and is imported by the module's widget alone.
 """
+
+from .engine_path import ensure_engine_importable
+
+# Before any helper imports the engine's light modules (settings, protocol, Gaussians file).
+ensure_engine_importable()

@@ -8,7 +8,6 @@ its PYTHONPATH either way.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import params
+from .engine_path import ENGINE_PACKAGE
 
-ENGINE_PACKAGE = "GaussianSVRLib"
 #: What the engine's --stack-masks takes for "this stack has no mask".
 NO_MASK = "none"
 
@@ -64,35 +63,6 @@ def safe_file_name(name: str) -> str:
     """A node name made safe as a file name stem."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
     return cleaned or "reconstruction"
-
-
-def find_engine_dir(module_dir: Path | None = None) -> Path:
-    """The folder that holds the GaussianSVRLib package (without importing it).
-
-    Looks it up on sys.path first (installed extension, or tests), then in the source tree layout
-    (``<repo>/GaussianSVR/GaussianSVRSlicer`` beside ``<repo>/GaussianSVRLib``).
-    """
-    spec = importlib.util.find_spec(ENGINE_PACKAGE)
-    if spec is not None and spec.origin is not None:
-        return Path(spec.origin).resolve().parent.parent
-    here = Path(__file__).resolve().parent if module_dir is None else module_dir
-    for candidate in (here.parent, here.parent.parent):
-        if (candidate / ENGINE_PACKAGE / "__init__.py").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"the {ENGINE_PACKAGE} package was not found: reinstall the GaussianSVR extension"
-    )
-
-
-def ensure_engine_importable() -> Path:
-    """Put the engine's folder on sys.path if it is not there (source tree layout); returns the folder.
-
-    The module imports only ``GaussianSVRLib.io.progress`` (plain Python) in Slicer's process.
-    """
-    engine_dir = find_engine_dir()
-    if importlib.util.find_spec(ENGINE_PACKAGE) is None:
-        sys.path.append(str(engine_dir))
-    return engine_dir
 
 
 def python_command(which: Callable[[str], str | None] = shutil.which) -> list[str]:

@@ -15,12 +15,12 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
-from vtk.util.numpy_support import numpy_to_vtk
+
+from GaussianSVRLib.errors import InputError
+from GaussianSVRLib.io import gaussians_file
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _FLIP = np.array([-1.0, -1.0, 1.0])
-#: Sphere tessellation of one ellipsoid glyph (theta, phi).
-GLYPH_RESOLUTION = (12, 8)
 GLYPH_COLOR = (1.0, 0.55, 0.1)
 
 
@@ -71,71 +71,23 @@ class Gaussians:
 
 
 def read_gaussians(path: str | Path) -> Gaussians:
-    """The engine's Gaussians .npz (LPS or RAS, as its ``space`` entry says) in RAS."""
-    with np.load(path, allow_pickle=False) as npz:
-        space = str(npz["space"]) if "space" in npz.files else "LPS"
-        means = np.asarray(npz["means"], dtype=np.float64).reshape(-1, 3)
-        covariances = np.asarray(npz["covariances"], dtype=np.float64).reshape(-1, 3, 3)
-        intensities = np.asarray(npz["intensities"], dtype=np.float64).reshape(-1)
-    if space == "LPS":
-        # x -> F x with F = diag(-1, -1, 1): means flip, covariances become F C F.
-        means = means * _FLIP
-        covariances = covariances * np.outer(_FLIP, _FLIP)
-    elif space != "RAS":
-        raise ValueError(f"{path}: unknown coordinate system {space!r}")
-    return Gaussians(means, covariances, intensities)
-
-
-def glyph_selection(gaussians: Gaussians, max_count: int) -> np.ndarray:
-    """Indices of the at most ``max_count`` Gaussians carrying the most signal, largest first.
-
-    The signal of one Gaussian over space is |c| (2 pi)^(3/2) sqrt(det C): rank by |c| sqrt(det C).
-    """
-    determinants = np.clip(np.linalg.det(gaussians.covariances), 0.0, None)
-    mass = np.abs(gaussians.intensities) * np.sqrt(determinants)
-    count = min(max_count, len(mass))
-    if count <= 0:
-        return np.zeros(0, dtype=np.int64)
-    chosen = np.argpartition(-mass, count - 1)[:count]
-    return chosen[np.argsort(-mass[chosen], kind="stable")]
-
-
-def _sqrt_psd(matrices: np.ndarray) -> np.ndarray:
-    """Symmetric square roots (N, 3, 3) of symmetric positive semi-definite matrices (N, 3, 3)."""
-    values, vectors = np.linalg.eigh(0.5 * (matrices + np.swapaxes(matrices, 1, 2)))
-    roots = np.sqrt(np.clip(values, 0.0, None))
-    return np.einsum("nij,nj,nkj->nik", vectors, roots, vectors)
+    """A Gaussians file of the engine (LPS, io/gaussians_file.py) in RAS; ValueError for a bad file."""
+    try:
+        arrays = gaussians_file.load_gaussians(path)
+    except InputError as error:
+        raise ValueError(str(error)) from None
+    # x -> F x with F = diag(-1, -1, 1): means flip, covariances become F C F.
+    means = np.asarray(arrays["means"], dtype=np.float64) * _FLIP
+    covariances = np.asarray(arrays["covariances"], dtype=np.float64) * np.outer(_FLIP, _FLIP)
+    return Gaussians(means, covariances, np.asarray(arrays["intensities"], dtype=np.float64))
 
 
 def ellipsoid_polydata(gaussians: Gaussians, scale: float, max_count: int) -> vtk.vtkPolyData:
-    """Ellipsoid surfaces of the selected Gaussians: semi-axes ``scale`` standard deviations long."""
-    chosen = glyph_selection(gaussians, max_count)
-    centres = vtk.vtkPoints()
-    centres.SetData(numpy_to_vtk(np.ascontiguousarray(gaussians.means[chosen]), deep=True))
-    # vtkTensorGlyph maps the unit sphere through the tensor: sqrt(C) turns it into the 1-sigma ellipsoid.
-    tensors = numpy_to_vtk(
-        np.ascontiguousarray(_sqrt_psd(gaussians.covariances[chosen]).reshape(-1, 9)), deep=True
+    """The engine's ellipsoids (gaussians_file.ellipsoid_polydata: semi-axes ``scale`` standard
+    deviations long, the ``max_count`` Gaussians carrying the most signal), here in RAS."""
+    return gaussians_file.ellipsoid_polydata(
+        gaussians.means, gaussians.covariances, gaussians.intensities, max_count=max_count, scale=scale
     )
-    tensors.SetName("sqrtCovariance")
-    points = vtk.vtkPolyData()
-    points.SetPoints(centres)
-    points.GetPointData().SetTensors(tensors)
-
-    sphere = vtk.vtkSphereSource()
-    sphere.SetRadius(1.0)
-    sphere.SetThetaResolution(GLYPH_RESOLUTION[0])
-    sphere.SetPhiResolution(GLYPH_RESOLUTION[1])
-    glyph = vtk.vtkTensorGlyph()
-    glyph.SetInputData(points)
-    glyph.SetSourceConnection(sphere.GetOutputPort())
-    glyph.ExtractEigenvaluesOff()
-    glyph.ColorGlyphsOff()
-    glyph.ClampScalingOff()
-    glyph.SetScaleFactor(scale)
-    glyph.Update()
-    surface = vtk.vtkPolyData()
-    surface.DeepCopy(glyph.GetOutput())
-    return surface
 
 
 def update_model_node(node, surface: vtk.vtkPolyData) -> None:

@@ -1,9 +1,10 @@
-"""The module's parameters: engine settings (ranges, tooltips, command-line flags), presets, and the
-layout of the parameter node.
+"""The module's parameters: the engine settings it exposes, presets, and the layout of the parameter node.
 
-This is the single source for the parameter-node class (built in GaussianSVR.py from
-``parameter_namespace``), for the tooltips and ranges the widget shows, and for the worker's command
-line; it imports nothing from Slicer so that the .ui test can check the bindings without Slicer.
+Every engine setting here is one of the engine's (GaussianSVRLib/settings.py, where its flag, range,
+help and choices are declared): this module only names it for the parameter node, picks the range a
+widget offers (the engine's usual range, within its limits) and how many decimals it shows. The
+presets are the engine's. It imports nothing from Slicer, and from the engine only its plain-Python
+settings module, so that the .ui test can check the bindings without Slicer.
 """
 
 from __future__ import annotations
@@ -12,47 +13,47 @@ import enum
 import pathlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, get_args
+
+from GaussianSVRLib import settings as engine
+
+#: Words the widgets show for the engine's choices.
+LABELS = {
+    "preview": "Preview",
+    "standard": "Standard",
+    "high": "High quality",
+    "auto": "Automatic",
+    "cpu": "CPU",
+    "cuda": "CUDA GPU",
+    "n4": "N4 (before fitting)",
+    "none": "None",
+}
 
 
-class Preset(enum.Enum):
-    """Named engine presets (the engine's ``--preset``)."""
-
-    PREVIEW = "preview"
-    STANDARD = "standard"
-    HIGH = "high"
-
-    def label(self) -> str:
-        return {"preview": "Preview", "standard": "Standard", "high": "High quality"}[self.value]
-
-
-class Device(enum.Enum):
-    """Where the engine computes (the engine's ``--device``)."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-    def label(self) -> str:
-        return {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA GPU"}[self.value]
-
-
-class BiasCorrection(enum.Enum):
-    """Intensity non-uniformity correction of the stacks (the engine's ``--bias-correction``)."""
-
-    N4 = "n4"
-    NONE = "none"
+class Choice(enum.Enum):
+    """An engine setting's choices as an enum (the parameter node stores enums, combo boxes show them)."""
 
     def label(self) -> str:
-        return {"n4": "N4 (before fitting)", "none": "None"}[self.value]
+        return LABELS[self.value]
+
+
+def choices_enum(name: str, values: tuple[str, ...]) -> type[Choice]:
+    return Choice(name, {value.upper(): value for value in values})  # type: ignore[return-value]
+
+
+Preset = choices_enum("Preset", get_args(engine.PresetName))
+Device = choices_enum("Device", engine.choices("device"))
+BiasCorrection = choices_enum("BiasCorrection", engine.choices("bias_correction"))
+ENUMS = {"preset": Preset, "device": Device, "bias_correction": BiasCorrection}
 
 
 @dataclass(frozen=True)
 class Setting:
     """One scalar parameter of the parameter node.
 
-    ``flag`` is the engine's command-line option (None: not passed to the engine); numeric settings
-    carry their range (``minimum``/``maximum``, inclusive) and, for floats, the decimals the .ui shows.
+    ``engine``: the engine setting it stands for (None: the module's own); ``flag`` is its command-line
+    option; numeric settings carry the range (``minimum``/``maximum``, inclusive) a widget offers and,
+    for floats, the decimals the .ui shows.
     """
 
     name: str
@@ -63,6 +64,31 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     decimals: int | None = None
+    engine: str | None = None
+
+
+def sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def engine_setting(
+    name: str, field: str, decimals: int | None = None, ui_range: tuple[float, float] | None = None
+) -> Setting:
+    """The parameter ``name`` for the engine setting ``field``: its default, flag, help and range.
+
+    The widget offers the engine's usual range where it is bounded, else its limits, else ``ui_range``.
+    """
+    option = engine.options()[field]
+    default = getattr(engine.Settings(), field)
+    kind = engine.setting_type(field)
+    if field in ENUMS:
+        kind, default = ENUMS[field], ENUMS[field](default)
+    low, high = ui_range or (None, None)
+    if kind in (int, float):
+        for bounds in (option.plausible, option.limits):
+            if low is None and bounds.low is not None and bounds.high is not None:
+                low, high = bounds.low, bounds.high
+    return Setting(name, kind, default, sentence(option.help), option.flag, low, high, decimals, field)
 
 
 ENGINE_SETTINGS: tuple[Setting, ...] = (
@@ -75,123 +101,18 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
         "fills in the Advanced settings.",
         "--preset",
     ),
-    Setting(
-        "outputResolution",
-        float,
-        0.8,
-        "Voxel size of the output volume in mm. It only changes the final sampling of the Gaussians: "
-        "halving it makes the output 8x larger and that last step up to 8x longer.",
-        "--output-resolution",
-        0.2,
-        5.0,
-        2,
-    ),
-    Setting(
-        "nGaussians",
-        int,
-        0,
-        "Number of 3-D Gaussians that represent the volume; 0 = automatic (35 per ml of brain, about "
-        "6,000 at 28 weeks). More can resolve finer detail but makes slice motion harder to "
-        "estimate; memory grows linearly, time a little (each pixel sees only its nearest Gaussians).",
-        "--n-gaussians",
-        0,
-        500000,
-    ),
-    Setting(
-        "kNeighbours",
-        int,
-        16,
-        "Gaussians evaluated for each slice pixel. More is more exact near edges; time and memory "
-        "grow linearly with it.",
-        "--k-neighbours",
-        4,
-        64,
-    ),
-    Setting(
-        "iterations",
-        int,
-        400,
-        "Optimization steps. Time grows linearly; too few leave motion uncorrected and the volume blurred.",
-        "--iterations",
-        10,
-        20000,
-    ),
-    Setting(
-        "scaleRegularization",
-        float,
-        2.5e-3,
-        "Weight of the penalty that keeps Gaussians from growing or shrinking without need. Higher is "
-        "smoother, lower is sharper but noisier. No effect on time.",
-        "--scale-regularization",
-        0.0,
-        1.0,
-        5,
-    ),
-    Setting(
-        "coarseToFine",
-        bool,
-        True,
-        "Start with blurred, low-detail fitting and sharpen over the run: more robust to large motion, "
-        "no extra time. Turn off only for nearly motion-free data.",
-        "--no-coarse-to-fine",
-    ),
-    Setting(
-        "poseSearch",
-        bool,
-        True,
-        "Re-try the position of badly fitting slices from a grid of rotations a few times during the "
-        "run: recovers slices that moved far (large fetal motion). A few seconds per search; turn "
-        "off only for nearly motion-free data.",
-        "--no-pose-search",
-    ),
-    Setting(
-        "maskDilation",
-        float,
-        0.0,
-        "Grow every mask by this margin in mm before reconstructing: use it when the masks cut off a "
-        "little brain. No effect on time.",
-        "--mask-dilation",
-        0.0,
-        20.0,
-        1,
-    ),
-    Setting(
-        "biasCorrection",
-        BiasCorrection,
-        BiasCorrection.N4,
-        "Correct slow intensity variations (coil shading) of each stack inside its mask before "
-        "fitting (N4, about 2 s per stack). Measured to help on shaded stacks and not to hurt on "
-        "others.",
-        "--bias-correction",
-    ),
-    Setting(
-        "device",
-        Device,
-        Device.AUTO,
-        "Where the engine computes. Automatic uses a CUDA GPU when PyTorch sees one (typically ten "
-        "times faster), otherwise the CPU.",
-        "--device",
-    ),
-    Setting(
-        "previewInterval",
-        float,
-        15.0,
-        "Seconds between live previews. Each preview samples the volume and the ellipsoids: about a "
-        "second on a CPU, so short intervals slow a CPU run down.",
-        "--checkpoint-interval",
-        1.0,
-        600.0,
-        1,
-    ),
-    Setting(
-        "seed",
-        int,
-        0,
-        "Random seed: the same seed and settings give the same result. No effect on time.",
-        "--seed",
-        0,
-        2**31 - 1,
-    ),
+    engine_setting("outputResolution", "output_resolution", decimals=2),
+    engine_setting("nGaussians", "n_gaussians"),
+    engine_setting("kNeighbours", "k_neighbours"),
+    engine_setting("iterations", "iterations", ui_range=(1, 100_000)),
+    engine_setting("scaleRegularization", "scale_regularization", decimals=5),
+    engine_setting("coarseToFine", "coarse_to_fine"),
+    engine_setting("poseSearch", "pose_search"),
+    engine_setting("maskDilation", "mask_dilation_mm", decimals=1),
+    engine_setting("biasCorrection", "bias_correction"),
+    engine_setting("device", "device"),
+    engine_setting("previewInterval", "checkpoint_interval_s", decimals=1, ui_range=(1.0, 600.0)),
+    engine_setting("seed", "seed"),
 )
 
 DISPLAY_SETTINGS: tuple[Setting, ...] = (
@@ -253,11 +174,15 @@ TABLE_PARAMETERS: tuple[str, ...] = ("stacks", "masks", "thicknesses", "includeS
 
 PATH_PARAMETERS: tuple[str, ...] = ("outputFolder",)
 
-#: Values each preset writes into the Advanced settings (the engine's own preset values).
+#: Values each preset writes into the Advanced settings: the engine preset's value of every setting that
+#: some preset changes and the module shows.
 PRESETS: dict[Preset, dict[str, object]] = {
-    Preset.PREVIEW: {"kNeighbours": 12, "iterations": 150},
-    Preset.STANDARD: {"kNeighbours": 16, "iterations": 400},
-    Preset.HIGH: {"kNeighbours": 24, "iterations": 800},
+    Preset(name): {
+        spec.name: getattr(engine.preset(name), spec.engine)
+        for spec in ENGINE_SETTINGS
+        if spec.engine is not None and any(spec.engine in values for values in engine.PRESETS.values())
+    }
+    for name in engine.PRESETS
 }
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import command, nodes
+from . import command, engine_path, nodes
 from .inputs import InputProblem, StackInput, export_stacks
 from .run_state import Outcome, RunState, Throttle
 from .runner import DEFAULT_GRACE_S, EventKind, WorkerEvent, WorkerProcess
@@ -112,7 +112,7 @@ class ReconstructionSession:
         args = command.reconstruct_command(
             self.python, stack_files, self.files, self.request.settings, self.request.init_gaussians
         )
-        engine_dir = command.find_engine_dir()
+        engine_dir = engine_path.find_engine_dir()
         log.info("GaussianSVR worker: %s", " ".join(args))
         self.worker = WorkerProcess(
             args,

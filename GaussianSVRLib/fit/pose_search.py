@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..geometry import matrix_to_rotvec, rotvec_to_matrix
+from ..geometry import matrix_to_rotvec
 from ..model.gaussians import GaussianField
 from ..model.motion import SliceMotion
+from ..model.rotations import rotvec_to_matrix
 from .prediction import SliceTensors, neighbour_lists, predict
 
 #: Spacing (degrees) of the 3 x 3 x 3 grid of rotations about a slice's axes.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..geometry import quaternion_to_matrix
 from .psf import to_sym6
+from .rotations import quaternion_to_matrix
 
 #: Scales are kept in [MIN_SCALE, MAX_SCALE] mm: smaller ones fit noise, larger ones blur everything.
 MIN_SCALE = 0.05

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..geometry import apply_slice_motion, rotvec_to_matrix
+from .rotations import apply_slice_motion, rotvec_to_matrix
 
 
 class SliceMotion(nn.Module):

@@ -18,10 +18,11 @@ from GaussianSVRLib.fit.pose_search import (
     slices_to_search,
 )
 from GaussianSVRLib.fit.prediction import SliceTensors
-from GaussianSVRLib.geometry import rotvec_to_matrix, rotvec_to_matrix_np
+from GaussianSVRLib.geometry import rotvec_to_matrix_np
 from GaussianSVRLib.io.slices import extract_slices
 from GaussianSVRLib.io.stacks import read_stack
 from GaussianSVRLib.model.motion import SliceMotion
+from GaussianSVRLib.model.rotations import rotvec_to_matrix
 from GaussianSVRLib.qa.agreement import frozen_gaussians
 from GaussianSVRLib.sim.simulate import simulate_stacks
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from GaussianSVRLib.geometry import quaternion_to_matrix, rotvec_to_matrix
 from GaussianSVRLib.model import forward
 from GaussianSVRLib.model.psf import adjugate_det_sym6, convolved_gaussian, from_sym6, psf_covariance, to_sym6
+from GaussianSVRLib.model.rotations import quaternion_to_matrix, rotvec_to_matrix
 
 
 @pytest.fixture(autouse=True)

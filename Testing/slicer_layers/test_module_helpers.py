@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from GaussianSVRSlicer import command, params, report
+from GaussianSVRSlicer import command, engine_path, params, report
 from slicer_helpers import REPO
 
 # -- command ------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_worker_environment_puts_the_engine_first(tmp_path):
 
 
 def test_engine_and_interpreter_are_found():
-    assert command.find_engine_dir() == REPO
+    assert engine_path.find_engine_dir() == REPO
     assert command.python_command(lambda name: "/opt/Slicer/bin/PythonSlicer") == [
         "/opt/Slicer/bin/PythonSlicer"
     ]
@@ -109,10 +109,10 @@ def test_engine_found_in_the_source_layout_when_not_on_the_path(tmp_path, monkey
     module_dir.mkdir(parents=True)
     (tmp_path / "repo" / "GaussianSVRLib").mkdir()
     (tmp_path / "repo" / "GaussianSVRLib" / "__init__.py").write_text("")
-    monkeypatch.setattr(command.importlib.util, "find_spec", lambda name: None)
-    assert command.find_engine_dir(module_dir) == tmp_path / "repo"
+    monkeypatch.setattr(engine_path.importlib.util, "find_spec", lambda name: None)
+    assert engine_path.find_engine_dir(module_dir) == tmp_path / "repo"
     with pytest.raises(FileNotFoundError, match="reinstall"):
-        command.find_engine_dir(tmp_path / "elsewhere" / "GaussianSVRSlicer")
+        engine_path.find_engine_dir(tmp_path / "elsewhere" / "GaussianSVRSlicer")
 
 
 def test_safe_file_name():

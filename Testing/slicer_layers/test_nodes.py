@@ -154,14 +154,6 @@ def test_model_node_is_shown_in_3d_and_slices_and_reused(scene, tmp_path):
     assert not display.GetVisibility()
 
 
-def test_glyph_selection_ranks_by_signal():
-    covariances = np.stack([np.eye(3) * s for s in (1.0, 8.0, 1.0, 0.0)])
-    gaussians = nodes.Gaussians(np.zeros((4, 3)), covariances, np.array([1.0, 1.0, -3.0, 50.0]))
-    # signal |c| sqrt(det C): 1, 22.6, 3, 0
-    assert nodes.glyph_selection(gaussians, 3).tolist() == [1, 2, 0]
-    assert nodes.glyph_selection(gaussians, 0).tolist() == []
-
-
 def test_gaussians_in_an_unknown_space_are_refused(tmp_path):
     path = tmp_path / "g.npz"
     np.savez(

@@ -290,7 +290,12 @@ def test_relative_cost_and_labels():
 
 
 #: The engine modules Slicer's own process may import: the protocol, the settings and the Gaussians file.
-SLICER_SIDE_ENGINE_MODULES = {"GaussianSVRLib.io.progress"}
+SLICER_SIDE_ENGINE_MODULES = {
+    "GaussianSVRLib.io.progress",
+    "GaussianSVRLib.io.gaussians_file",
+    "GaussianSVRLib.settings",
+    "GaussianSVRLib.errors",
+}
 
 
 def engine_modules_imported_by_the_module() -> set[str]:
@@ -299,8 +304,9 @@ def engine_modules_imported_by_the_module() -> set[str]:
     for path in [MODULE_FILE, *(MODULE_DIR / "GaussianSVRSlicer").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("GaussianSVRLib"):
-                shallow = node.module.count(".") < 2  # "from GaussianSVRLib.io import progress"
-                found |= {f"{node.module}.{a.name}" if shallow else node.module for a in node.names}
+                for alias in node.names:  # "from GaussianSVRLib.io import progress" imports a module
+                    submodule = REPO.joinpath(*node.module.split("."), f"{alias.name}.py").is_file()
+                    found.add(f"{node.module}.{alias.name}" if submodule else node.module)
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] not in {"torch", "faiss"}, path
