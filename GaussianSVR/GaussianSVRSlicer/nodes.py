@@ -171,3 +171,10 @@ def _copy(data, data_class):
     copy = data_class()
     copy.DeepCopy(data)
     return copy
+
+
+def rotate_slice_views(slice_nodes, volume) -> None:
+    """Turn every slice view to the volume's own planes (its voxel axes), so that the reconstruction is
+    read in its planes and not cut obliquely."""
+    for slice_node in slice_nodes:
+        slice_node.RotateToVolumePlane(volume)

@@ -8,40 +8,15 @@ Needs Slicer's Qt (imported only by GaussianSVR.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import qt
 import slicer
 
 from .inputs import default_thickness
+from .table_rows import Row
 
 INCLUDE, STACK, MASK, THICKNESS = range(4)
 HEADERS = ("Use", "Stack", "Mask", "Thickness")
-
-
-@dataclass(frozen=True)
-class Row:
-    volume: object | None
-    mask: object | None
-    thickness: float
-    include: bool = True
-
-
-def same_rows(first: Sequence[Row], second: Sequence[Row], tolerance: float = 5e-3) -> bool:
-    """Whether two tables hold the same nodes, include boxes and thicknesses (the spin box rounds)."""
-    return len(first) == len(second) and all(
-        _same_node(a.volume, b.volume)
-        and _same_node(a.mask, b.mask)
-        and a.include == b.include
-        and abs(a.thickness - b.thickness) <= tolerance
-        for a, b in zip(first, second, strict=True)
-    )
-
-
-def _same_node(first, second) -> bool:
-    if first is None or second is None:
-        return first is second
-    return first.GetID() == second.GetID()
 
 
 class StackTable:

@@ -137,18 +137,20 @@ def bound_widgets(tree: ET.Element) -> dict[str, ET.Element]:
 
 
 def ui_attributes(path: pathlib.Path) -> set[str]:
-    """Names X of every ``self.ui.X`` in a Python file."""
+    """Names X of every ``<name>.ui.X`` (self.ui.X, widget.ui.X) in a Python file."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
             inner = node.value
-            if inner.attr == "ui" and isinstance(inner.value, ast.Name) and inner.value.id == "self":
+            if inner.attr == "ui" and isinstance(inner.value, ast.Name):
                 names.add(node.attr)
     return names
 
 
 def test_every_widget_the_module_uses_exists(loaded):
-    used = ui_attributes(MODULE_FILE)
+    used = set().union(
+        *(ui_attributes(path) for path in [MODULE_FILE, *(MODULE_DIR / "GaussianSVRSlicer").glob("*.py")])
+    )
     assert {
         "applyButton",
         "stacksTable",
