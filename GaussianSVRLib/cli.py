@@ -167,10 +167,13 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="simulate-and-reconstruct on the bundled atlas, and the real stacks")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument(
-        "--data-dir", default=None, help="the bundled data folder (default: the repository's data/)"
+        "--data-dir", default=None, help="the demo data folder (default: the data bundled in the package)"
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard")
     p.add_argument("--device", choices=choices("device"), default="auto")
+    p.add_argument(
+        "--iterations", type=positive_int, default=None, help="override the preset's (a quick check)"
+    )
     p.set_defaults(run=run_demo)
 
 
@@ -384,7 +387,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(args.output_dir, args.data_dir, args.preset, args.device)
+    return run(args.output_dir, args.data_dir, args.preset, args.device, args.iterations)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from GaussianSVRLib.io.gaussians_file import load_gaussians, save_gaussians
 from GaussianSVRLib.sim.simulate import SimulationResult, simulate_stacks
 
-ATLAS = Path(__file__).resolve().parent.parent / "data" / "atlas"
+ATLAS = Path(__file__).resolve().parent.parent / "GaussianSVRLib" / "data" / "atlas"
 #: Gaussian standard deviation of phantom_gaussians as a fraction of the voxel size (the grid sums
 #: to a flat field).
 SIGMA_FRACTION = 0.6

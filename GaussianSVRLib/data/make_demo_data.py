@@ -1,6 +1,6 @@
-"""Derive the bundled demo data (data/atlas, data/sub01) from the project's shared data folder.
+"""Derive the bundled demo data (GaussianSVRLib/data/atlas, .../sub01) from the project's shared data folder.
 
-    python data/make_demo_data.py PATH/TO/shared/data [--out data]
+    python GaussianSVRLib/data/make_demo_data.py PATH/TO/shared/data [--out GaussianSVRLib/data]
 
 Every image is cropped with SimpleITK, so the world position of every kept voxel is unchanged (the
 origin moves to the first kept voxel; spacing and direction are kept) and its value and voxel type
@@ -211,7 +211,9 @@ def make_stacks(shared: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shared_data", type=Path, help="the shared data folder (holds the two datasets)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="default: data/")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="default: this folder"
+    )
     args = parser.parse_args(argv)
     for name in (ATLAS_DIR, STACKS_DIR):
         if not (args.shared_data / name).is_dir():
