@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -116,10 +117,23 @@ def test_unknown_backend_raises_value_error() -> None:
         knn(torch.zeros(10, 3), torch.zeros(4, 3), 2, backend="annoy")
 
 
-def test_auto_picks_a_valid_backend(cloud) -> None:
+def test_auto_picks_the_rule_of_each_device(cloud, monkeypatch) -> None:
+    """The rule (measured in docs/benchmarks.md): the k-d tree on the CPU; on CUDA faiss only where it has
+    GPU support, else brute force in torch; torch on any other device."""
     database, queries = cloud
-    assert choose_backend(torch.device("cpu")) in BACKENDS
-    assert choose_backend("cuda") in BACKENDS  # no GPU here: faiss only with faiss GPU support
+    assert choose_backend(torch.device("cpu")) == "kdtree"
+    assert choose_backend("mps") == "torch"
+    with_gpus = types.SimpleNamespace(get_num_gpus=lambda: 1)
+    cpu_only = types.SimpleNamespace(get_num_gpus=lambda: 0)
+    for faiss, expected in (
+        (with_gpus, "faiss"),
+        (cpu_only, "torch"),
+        (types.SimpleNamespace(), "torch"),
+        (None, "torch"),
+    ):
+        monkeypatch.setattr(neighbours, "_import_faiss", lambda faiss=faiss: faiss)
+        assert choose_backend("cuda") == expected, faiss
+    monkeypatch.undo()
     assert_exact(database, queries, knn(database, queries, 10), 10)
 
 
