@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: all setup demo test lint format bench clean distclean help
+.PHONY: all setup demo test test-quick lint format bench clean distclean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo       reconstruct the bundled demo data into $(DEMO_DIR)/"
 	@echo "make test       lint, then the test suite (Testing/)"
+	@echo "make test-quick lint, then the tests not marked slow (a quick loop)"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make format     ruff format (rewrites files)"
 	@echo "make bench      benchmarks (bench/run_all.py), tables into docs/benchmarks.md"
@@ -47,6 +48,9 @@ format: $(STAMP)
 
 test: lint
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest
+
+test-quick: lint
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	@if [ -f bench/run_all.py ]; then \

@@ -298,16 +298,21 @@ class BarEvents:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .export.qc import summary_table
-    from .pipeline import Outputs, reconstruct
+    from .export.paths import Outputs
+    from .preflight import check_run
 
-    stop = StopSignal(args.stop_file, watch_stdin=args.progress == "json")
-    emitter = Emitter(on_closed=lambda: (silence_stdout(), stop.set())) if args.progress == "json" else None
-    bar = BarEvents() if args.progress == "bar" else None
     outputs = Outputs(
         args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, args.output_qc
     )
     settings = settings_from(args)
+    check_run(args.input_stacks, args.stack_masks, settings, outputs)  # before torch is even imported
+
+    from .export.qc import summary_table
+    from .pipeline import reconstruct
+
+    stop = StopSignal(args.stop_file, watch_stdin=args.progress == "json")
+    emitter = Emitter(on_closed=lambda: (silence_stdout(), stop.set())) if args.progress == "json" else None
+    bar = BarEvents() if args.progress == "bar" else None
     try:
         with stop:
             result = reconstruct(

@@ -15,8 +15,9 @@ from .devices import choose_device
 from .errors import Cancelled
 from .export.checkpoints import Previews
 from .export.frame import Snapshot, snapshot, volume_image
+from .export.paths import OUTPUT_KINDS, Outputs
 from .export.report import build_report
-from .export.results import OUTPUT_KINDS, Outputs, Reconstruction, write_results
+from .export.results import Reconstruction, write_results
 from .fit.bias import correct_bias
 from .fit.initialize import Problem, initial_models, prepare
 from .fit.mask_propagation import prepare_masks

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
-from .export.results import Outputs
+from .export.paths import Outputs
 from .io.gaussians_file import init_path
 from .io.masks import is_no_mask
 from .io.outputs import (
@@ -76,14 +76,22 @@ def check_outputs(outputs: Outputs) -> dict[Path, str]:
     return targets
 
 
+def check_run(
+    stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings, outputs: Outputs
+) -> list[str]:
+    """Every check that needs no input read: the settings, the outputs, outputs against inputs. Returns
+    the settings' warnings; raises InputError. Imports no torch (the command line runs it first)."""
+    warnings = check(settings)
+    check_not_inputs(check_outputs(outputs), input_files(stack_paths, mask_paths, settings))
+    return warnings
+
+
 @contextmanager
 def preflight(
     stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings, outputs: Outputs
 ) -> Iterator[list[str]]:
     """Check before any work and hold the outputs' lock for the run; yields the settings' warnings."""
-    warnings = check(settings)
-    targets = check_outputs(outputs)
-    check_not_inputs(targets, input_files(stack_paths, mask_paths, settings))
+    warnings = check_run(stack_paths, mask_paths, settings, outputs)
     # The preview files are rewritten all run long: their folder is locked as one.
     locked = [*outputs.files().values(), *([Path(outputs.preview_dir)] if outputs.preview_dir else [])]
     with OutputLock(locked):

@@ -21,22 +21,13 @@ from ..model.gaussians import GaussianField
 from ..model.motion import SliceMotion
 from ..settings import Settings
 from .frame import continuation, preview_grid, snapshot, volume_image
+from .paths import preview_paths
 
-#: The preview files, by the name the protocol's "checkpoint" message gives them.
-PREVIEW_FILES = {
-    "volume": "preview.nii.gz",
-    "gaussians": "preview_gaussians.npz",
-    "ellipsoids": "preview_gaussians.vtp",
-}
 #: Ellipsoids drawn in a preview (the final output draws more).
 PREVIEW_GLYPHS = 3000
 #: The first preview is due this soon after the optimization starts (or sooner with a shorter interval),
 #: so that a viewer sees the volume early; a run that ends before writes one at its end.
 FIRST_PREVIEW_S = 3.0
-
-
-def preview_paths(folder: str | Path) -> dict[str, Path]:
-    return {kind: Path(folder) / name for kind, name in PREVIEW_FILES.items()}
 
 
 class Previews:

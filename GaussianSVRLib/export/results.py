@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,46 +19,12 @@ from ..fit.initialize import Problem
 from ..fit.quality import SliceQuality
 from ..io.gaussians_file import write_npz, write_vtp
 from ..io.outputs import OutputSet, save_image, save_json, save_png
-from .checkpoints import preview_paths
 from .frame import Snapshot, continuation
+from .paths import OUTPUT_KINDS, Outputs
 from .qc import qc_image
 
 #: Ellipsoids drawn in the final .vtp (those carrying the most signal).
 FINAL_GLYPHS = 5000
-OUTPUT_KINDS = ("volume", "gaussians", "ellipsoids", "report", "qc")
-
-
-@dataclass
-class Outputs:
-    """Where results go; None skips an output. gaussians: the .npz and .vtp share its stem."""
-
-    volume: str | None = None
-    gaussians: str | None = None
-    report: str | None = None
-    preview_dir: str | None = None
-    qc: str | None = None
-
-    def gaussian_paths(self) -> tuple[str, str] | None:
-        if self.gaussians is None:
-            return None
-        stem = Path(self.gaussians)
-        stem = stem.with_suffix("") if stem.suffix in (".npz", ".vtp") else stem
-        return str(stem.with_suffix(".npz")), str(stem.with_suffix(".vtp"))
-
-    def files(self) -> dict[str, Path]:
-        """Every final output file by kind (OUTPUT_KINDS), those asked for."""
-        gaussians = self.gaussian_paths() or (None, None)
-        paths = {
-            "volume": self.volume,
-            "gaussians": gaussians[0],
-            "ellipsoids": gaussians[1],
-            "report": self.report,
-            "qc": self.qc,
-        }
-        return {kind: Path(path) for kind, path in paths.items() if path is not None}
-
-    def previews(self) -> dict[str, Path]:
-        return preview_paths(self.preview_dir) if self.preview_dir is not None else {}
 
 
 @dataclass

@@ -39,6 +39,9 @@ from GaussianSVRLib.cli import EXIT_INPUT_ERROR
 from GaussianSVRLib.io.progress import decode
 from GaussianSVRLib.sim.simulate import SimulationResult
 
+#: Whole processes end to end: left out of the quick loop (make test-quick).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 #: Tiny settings, so that an error the engine fails to catch early still ends in seconds.
 TINY = ["--n-gaussians", "200", "--iterations", "2", "--batch-pixels", "1024", "--no-prealign"]

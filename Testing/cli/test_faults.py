@@ -32,6 +32,9 @@ from GaussianSVRLib.pipeline import Outputs, reconstruct
 from GaussianSVRLib.settings import Settings
 from GaussianSVRLib.sim.simulate import SimulationResult
 
+#: Whole processes end to end: left out of the quick loop (make test-quick).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = Settings(n_gaussians=300, iterations=3, batch_pixels=1024, output_resolution=1.5, prealign=False,
                 bias_correction="none", device="cpu")  # fmt: skip

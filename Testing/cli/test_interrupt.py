@@ -20,6 +20,9 @@ from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 from GaussianSVRLib.cli import EXIT_CANCELLED
 from GaussianSVRLib.sim.simulate import SimulationResult
 
+#: Whole processes end to end: left out of the quick loop (make test-quick).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 #: Far more iterations than a test can wait for, and a preview after every iteration.
 ENDLESS = ["--n-gaussians", "300", "--iterations", "100000", "--batch-pixels", "1024", "--seed", "0",

@@ -25,6 +25,9 @@ from GaussianSVRLib.cli import EXIT_CANCELLED
 from GaussianSVRLib.io.progress import PROTOCOL_VERSION, decode
 from GaussianSVRLib.sim.simulate import SimulationResult
 
+#: Whole processes end to end: left out of the quick loop (make test-quick).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 
