@@ -30,6 +30,7 @@ from .model.gaussians import GaussianField
 from .model.motion import SliceMotion
 from .preflight import preflight
 from .settings import Settings
+from .timing import PROFILE
 
 __all__ = ["Outputs", "Reconstruction", "reconstruct"]
 
@@ -138,6 +139,7 @@ def report_of(
     fit: Fit, state: Snapshot, settings: Settings, device: torch.device, run: Run, cancelled: bool
 ) -> dict:
     run.timings["total_s"] = time.monotonic() - run.started
+    run.timings["optimize_profile_s"] = PROFILE.as_dict()
     problem = fit.problem
     return build_report(
         version=__version__,

@@ -146,7 +146,9 @@ def build_report(
         "device": device,
         "cancelled": cancelled,
         "settings": settings.as_dict(),
-        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "timings": {
+            key: value if isinstance(value, dict) else round(value, 3) for key, value in timings.items()
+        },
         "warnings": list(warnings or []),
         "n_pixels": slices.n_pixels,
         "n_gaussians": n_gaussians,

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..model.gaussians import GaussianField
 from ..model.motion import SliceMotion
 from ..settings import Settings
+from ..timing import PROFILE
 from .losses import scale_penalty, weighted_l1
 from .pose_search import search_poses, slices_to_search
 from .prediction import SliceTensors, neighbour_lists, predict
@@ -198,6 +199,7 @@ def optimize(
     stages maps "fine" (and optionally "coarse") to the slice pixels of that stage.
     """
     hooks = hooks or Hooks()
+    PROFILE.reset(torch.cuda.synchronize if motion.rotvec.device.type == "cuda" else None)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     optimizer = make_optimizer(field_, motion, settings)
     plan = stage_plan(settings, "coarse" in stages)
@@ -223,24 +225,27 @@ def optimize(
                 quality.pose_moves = pose_moves
                 return quality
             if step_in_stage % settings.refresh_every == 0:
-                neighbours = neighbour_lists(
-                    field_, motion, data, settings.k_neighbours, settings.neighbour_backend
-                )
+                with PROFILE.section("neighbours"):
+                    neighbours = neighbour_lists(
+                        field_, motion, data, settings.k_neighbours, settings.neighbour_backend
+                    )
                 if step > motion_start and bool((abs_value > 0).any()):
-                    residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
-                    residual[abs_value.cpu().numpy() == 0] = np.nan
-                    scale = motion.intensity_scale().detach().cpu().numpy()
-                    quality = robust_weights(residual, scale, slice_stack, settings.outlier_z, counts)
-                    abs_error.zero_()
-                    abs_value.zero_()
+                    with PROFILE.section("weights"):
+                        residual = (abs_error / abs_value.clamp_min(1e-12)).cpu().numpy()
+                        residual[abs_value.cpu().numpy() == 0] = np.nan
+                        scale = motion.intensity_scale().detach().cpu().numpy()
+                        quality = robust_weights(residual, scale, slice_stack, settings.outlier_z, counts)
+                        abs_error.zero_()
+                        abs_value.zero_()
                     if searches and step >= searches[0]:
                         searches = [at for at in searches if at > step]
-                        moved = pose_search(field_, motion, data, quality, settings, optimizer)
-                        pose_moves[moved] += 1
-                        if len(moved):
-                            neighbours = neighbour_lists(
-                                field_, motion, data, settings.k_neighbours, settings.neighbour_backend
-                            )
+                        with PROFILE.section("pose_search"):
+                            moved = pose_search(field_, motion, data, quality, settings, optimizer)
+                            pose_moves[moved] += 1
+                            if len(moved):
+                                neighbours = neighbour_lists(
+                                    field_, motion, data, settings.k_neighbours, settings.neighbour_backend
+                                )
             if cursor + settings.batch_pixels > data.n_pixels:
                 order = torch.randperm(data.n_pixels, generator=generator).to(device)
                 cursor = 0
@@ -251,18 +256,19 @@ def optimize(
             for group in optimizer.param_groups:
                 is_motion = group["name"] in ("rotation", "translation", "slice_scale")
                 group["lr"] = group["base_lr"] * factor * (1.0 if motion_on or not is_motion else 0.0)
-            prediction = predict(field_, motion, data, index, neighbours[index], settings.psf_mode)
-            slice_id = data.slice_id[index]
-            loss_weight = torch.as_tensor(
-                np.maximum(quality.weight, EXCLUDED_LOSS_WEIGHT), dtype=prediction.dtype, device=device
-            )
-            weight = loss_weight[slice_id]
-            target = data.values[index]
-            loss = weighted_l1(prediction, target, weight)
-            if settings.scale_regularization > 0:
-                loss = loss + settings.scale_regularization * scale_penalty(
-                    field_.scales(), settings.scale_target
+            with PROFILE.section("forward"):
+                prediction = predict(field_, motion, data, index, neighbours[index], settings.psf_mode)
+                slice_id = data.slice_id[index]
+                loss_weight = torch.as_tensor(
+                    np.maximum(quality.weight, EXCLUDED_LOSS_WEIGHT), dtype=prediction.dtype, device=device
                 )
+                weight = loss_weight[slice_id]
+                target = data.values[index]
+                loss = weighted_l1(prediction, target, weight)
+                if settings.scale_regularization > 0:
+                    loss = loss + settings.scale_regularization * scale_penalty(
+                        field_.scales(), settings.scale_target
+                    )
             if not torch.isfinite(loss):
                 raise InputError(
                     None,
@@ -270,23 +276,28 @@ def optimize(
                     "the stacks' intensities or the settings (learning rates, --scale-regularization) are "
                     "out of range",
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            unweight_motion_gradients(motion, loss_weight)
-            optimizer.step()
-            with torch.no_grad():
+            with PROFILE.section("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with PROFILE.section("adam"):
+                unweight_motion_gradients(motion, loss_weight)
+                optimizer.step()
+            with PROFILE.section("bookkeeping"), torch.no_grad():
                 abs_error.index_add_(0, slice_id, (prediction - target).abs().double())
                 abs_value.index_add_(0, slice_id, target.abs().double())
             step += 1
             elapsed = time.monotonic() - started
-            if hooks.progress is not None:
-                eta = elapsed / step * (total - step)
-                hooks.progress(step, total, loss.item(), stage, eta if math.isfinite(eta) else 0.0)
-            if hooks.checkpoint is not None:
-                hooks.checkpoint(step)
+            with PROFILE.section("progress"):
+                if hooks.progress is not None:
+                    eta = elapsed / step * (total - step)
+                    hooks.progress(step, total, loss.item(), stage, eta if math.isfinite(eta) else 0.0)
+            with PROFILE.section("previews"):
+                if hooks.checkpoint is not None:
+                    hooks.checkpoint(step)
     fine = stages["fine"]
-    neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
-    fit = final_fit(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
+    with PROFILE.section("final_fit"):
+        neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
+        fit = final_fit(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
     # The slice's intensity relative to the volume: its scale, times what the scale has not yet
     # absorbed (the scale learns slowly, so a deep drop-out can still be on its way down).
     scale = motion.intensity_scale().detach().cpu().numpy() * fit.level

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..timing import PROFILE
 from .psf import NORMALIZATION_DELTA, PSF_MODES
 
 DET_FLOOR = 1e-12
@@ -317,7 +318,7 @@ class _FusedEvaluate(torch.autograd.Function):
         norm = np.empty((len(p) if normalized else 0, 2))
         forward_kernel, _, _ = _kernels()
         _threads()
-        with numba.parallel_chunksize(1):
+        with PROFILE.section("kernel_forward"), numba.parallel_chunksize(1):
             forward_kernel(p, index.numpy(), m, c6, cd, c, psf.numpy(), exact, normalized, out, norm,
                            PIXEL_CHUNK)  # fmt: skip
         result = torch.from_numpy(out)
@@ -342,7 +343,7 @@ class _FusedEvaluate(torch.autograd.Function):
         threads = _threads()
         grad_gaussians = np.zeros((threads, n_gaussians if want_gaussians else 0, GAUSSIAN_GRAD_COLUMNS))
         go = grad_out.detach().to(ctx.saved_tensors[0].dtype).contiguous().numpy()
-        with numba.parallel_chunksize(1):
+        with PROFILE.section("kernel_backward"), numba.parallel_chunksize(1):
             backward_kernel(order, p, index, m, c6, cd, c, psf, exact, normalized, go, ctx.norm,
                             grad_points, grad_psf, grad_gaussians, PIXEL_CHUNK)  # fmt: skip
         total = torch.from_numpy(grad_gaussians.sum(0).astype(p.dtype)) if want_gaussians else None
