@@ -29,6 +29,7 @@ from .settings import PRESETS, PresetName, Settings, choices, options, preset, s
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_INPUT_ERROR = 2
+EXIT_SOME_FAILED = 4
 EXIT_CANCELLED = 130
 
 log = logging.getLogger("gaussiansvr")
@@ -116,6 +117,12 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preview-dir", metavar="D", help="folder for live previews (checkpoints)")
     p.add_argument("--preset", choices=get_args(PresetName), default="standard", help="settings preset")
+    p.add_argument(
+        "--settings",
+        metavar="J",
+        help="start from the settings in this JSON file (a run's report or cohort sidecar, or a plain "
+        "object of settings) instead of a preset; the flags given override them",
+    )
     add_settings(p)
     p.add_argument(
         "--progress",
@@ -163,6 +170,34 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_evaluate)
 
 
+def add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="reconstruct every subject (and session) of a BIDS dataset, on Dask")
+    p.add_argument("bids_dir", metavar="BIDS_DIR", type=Path, help="the BIDS dataset")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the derivatives folder to write")
+    p.add_argument("--participant-label", nargs="+", metavar="L", help="only these subjects (01 or sub-01)")
+    p.add_argument("--session-label", nargs="+", metavar="S", help="only these sessions (01 or ses-01)")
+    p.add_argument(
+        "--masks-dir", type=Path, metavar="D",
+        help="brain masks laid out like the dataset: sub-01/anat/sub-01_run-1_desc-brain_mask.nii.gz",
+    )  # fmt: skip
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS", help="a running Dask scheduler (default: a local cluster)"
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="workers of the local cluster (default: by CPUs and memory)",
+    )
+    p.add_argument("--sequential", action="store_true", help="no Dask: one subject after the other")
+    p.add_argument("--preset", choices=get_args(PresetName), default="standard", help="settings preset")
+    p.add_argument(
+        "--settings", metavar="J", help="start from the settings in this JSON file (see reconstruct)"
+    )
+    add_settings(p)
+    p.set_defaults(run=run_batch)
+
+
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="simulate-and-reconstruct on the bundled atlas, and the real stacks")
     p.add_argument("--output-dir", default="demo_output")
@@ -196,15 +231,29 @@ def parser() -> argparse.ArgumentParser:
     top = OneLineErrors(prog="gaussiansvr", description=__doc__.splitlines()[0])
     top.add_argument("-v", "--verbose", action="store_true", help="log details on stderr")
     sub = top.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
-    for add in (add_reconstruct, add_simulate, add_evaluate, add_demo):
+    for add in (add_reconstruct, add_batch, add_simulate, add_evaluate, add_demo):
         add(sub)
     return top
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """The preset, overridden by every settings flag that was given."""
+    """The preset (or the --settings file), overridden by every settings flag that was given."""
+    base = preset(args.preset) if getattr(args, "settings", None) is None else settings_file(args.settings)
     changes = {name: getattr(args, name) for name in options() if getattr(args, name, None) is not None}
-    return preset(args.preset).updated(**changes)
+    return base.updated(**changes)
+
+
+def settings_file(path: str) -> Settings:
+    """Settings from a JSON file: a report's or a sidecar's "settings" object, or such an object itself."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"settings file cannot be read as JSON ({error})") from None
+    values = data.get("settings", data) if isinstance(data, dict) else None
+    unknown = sorted(set(values) - set(options())) if isinstance(values, dict) else None
+    if values is None or unknown:
+        raise InputError(path, f"holds no settings object{f' (unknown: {unknown})' if unknown else ''}")
+    return Settings(**values)
 
 
 class StopSignal:
@@ -387,6 +436,41 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output_json:
         write_json(metrics, args.output_json)
     return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .cohort.batch import run_cohort
+    from .cohort.bids import find_jobs
+    from .cohort.qc import write_cohort_qc
+    from .settings import check
+
+    settings = settings_from(args)
+    for warning in check(settings):
+        log.warning("%s", warning)
+    jobs = find_jobs(args.bids_dir, args.out_dir, args.masks_dir, args.participant_label, args.session_label)
+    bar = tqdm(total=len(jobs), unit="subject", disable=None, file=sys.stderr)
+
+    def advance(result) -> None:
+        bar.update(1)
+        if result.status == "failed":
+            tqdm.write(f"{result.job.label}: failed: {result.message}", file=sys.stderr)
+
+    try:
+        results = run_cohort(jobs, args.bids_dir, args.out_dir, settings, args.scheduler, args.workers,
+                             args.sequential, advance)  # fmt: skip
+    finally:
+        bar.close()
+    table, web = write_cohort_qc(results, args.out_dir)
+    failed = [r.job.label for r in results if r.status == "failed"]
+    print(f"{len(results) - len(failed)} of {len(results)} subjects reconstructed; QC: {table}, {web}")
+    if failed:
+        print(
+            f"gaussiansvr: {len(failed)} subjects failed: {', '.join(failed)} (see {table})", file=sys.stderr
+        )
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 def run_demo(args: argparse.Namespace) -> int:

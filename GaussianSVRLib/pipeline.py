@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
-from .devices import choose_device
+from .devices import choose_device, use_cpu_threads
 from .errors import Cancelled
 from .export.checkpoints import Previews
 from .export.frame import Snapshot, snapshot, volume_image
@@ -48,6 +48,7 @@ class Run:
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
+        self.cpu_threads = 0
 
     def warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -156,7 +157,7 @@ def report_of(
         timings=run.timings,
         cancelled=cancelled,
         warnings=run.warnings,
-    )
+    ) | {"cpu_threads": run.cpu_threads}
 
 
 def cancelled_run(fit: Fit | None, settings: Settings, device: torch.device, run: Run) -> Reconstruction:
@@ -204,6 +205,7 @@ def reconstruct(
         for text in warnings:
             run.warn(text)
         device, fit = choose_device(settings.device), None
+        run.cpu_threads = use_cpu_threads()
         torch.manual_seed(settings.seed)
         try:
             with run.stage("read"):

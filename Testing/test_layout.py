@@ -13,14 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "GaussianSVRLib"
 #: The layers, lowest first: a module may import modules of its own layer or lower ones.
 LAYERS = {
-    "errors": 0, "settings": 0, "geometry": 0,
+    "errors": 0, "settings": 0, "geometry": 0, "timing": 0,
     "io": 1,
     "devices": 2, "model": 2,
     "fit": 3,
     "export": 4, "qa": 4, "sim": 4,
     "preflight": 5,
     "pipeline": 6,
-    "demo": 7,
+    "demo": 7, "cohort": 7,
     "cli": 8,
     "__main__": 9,
 }  # fmt: skip

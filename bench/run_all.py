@@ -33,6 +33,7 @@ SCRIPTS = (
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
     ("real", "bench_real.py", []),
+    ("cohort", "bench_cohort.py", []),
 )
 
 HEADER = """\

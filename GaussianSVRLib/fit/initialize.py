@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..devices import cpu_threads
 from ..errors import InputError
 from ..io.slices import SliceSet, extract_slices
 from ..io.stacks import Stack
@@ -171,7 +172,7 @@ def initial_scales(centres: np.ndarray, neighbours: int = 4) -> np.ndarray:
     """Isotropic scales (n,) in mm: half the mean distance to the nearest sampled centres."""
     from scipy.spatial import cKDTree
 
-    distance, _ = cKDTree(centres).query(centres, k=neighbours + 1, workers=-1)
+    distance, _ = cKDTree(centres).query(centres, k=neighbours + 1, workers=cpu_threads())
     return 0.5 * distance[:, 1:].mean(axis=1)
 
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+
+from ..devices import cpu_threads
 
 BACKENDS = ("faiss", "kdtree", "grid", "torch")
 #: Upper bound on the temporaries of one query chunk (bytes).
@@ -107,10 +108,6 @@ def _chunk_size(bytes_per_query: int) -> int:
     return max(1, MAX_CHUNK_BYTES // max(1, bytes_per_query))
 
 
-def _cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @functools.cache
 def _import_faiss():
     """The faiss module with its OpenMP threads set to the usable cores, or None when not installed."""
@@ -119,7 +116,7 @@ def _import_faiss():
         import faiss
     except ImportError:
         return None
-    faiss.omp_set_num_threads(_cpu_threads())
+    faiss.omp_set_num_threads(cpu_threads())
     # torch and faiss may share one OpenMP runtime: keep torch's own setting.
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
@@ -162,7 +159,7 @@ def _knn_kdtree(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.
     # indices int64 + distances float64 from scipy, the copy into the result, scipy's own buffers
     step = _chunk_size(k * 40)
     for start in range(0, len(query_points), step):
-        _, indices = tree.query(query_points[start : start + step], k=k, workers=-1)
+        _, indices = tree.query(query_points[start : start + step], k=k, workers=cpu_threads())
         out[start : start + step] = torch.from_numpy(indices).reshape(-1, k)
     return out
 
