@@ -93,7 +93,8 @@ def main() -> int:
     )
     workers, threads = local_cluster_size(cpu_threads(), physical_memory())
     print(
-        f"batch: {batch:.1f} s on {workers} workers x {threads} thread(s); sum of single runs {sum(singles):.1f} s"
+        f"batch: {batch:.1f} s on {workers} workers x {threads} thread(s); "
+        f"sum of single runs {sum(singles):.1f} s"
     )
     lines = [
         *base.section_heading("Cohort (gaussiansvr batch)", False, ""),
@@ -101,7 +102,8 @@ def main() -> int:
         f"{info['load_start'][0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; bench took "
         f"{time.perf_counter() - started:.0f} s. {args.subjects} subjects, each the bundled 28-week atlas "
         f"simulated as 4 stacks (0.8 mm, 3 mm slices, ±5°/±3 mm, 2 % noise) with its own seed; preset "
-        f"`{args.preset}`; one run each (single runs one after the other, each its own process with every CPU).",
+        f"`{args.preset}`; one run each (the single runs one after the other, each its own process with "
+        "every CPU).",
         "",
         "| | wall time (s) |",
         "|---|---|",
