@@ -3,6 +3,7 @@ from the declarations."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import fields
 
@@ -91,3 +92,18 @@ def test_the_command_line_has_a_flag_for_every_flagged_setting_and_sets_that_fie
         assert getattr(settings_from(parser().parse_args(REQUIRED + argv)), name) == expected, name
     assert settings_from(parser().parse_args(REQUIRED)) == preset("standard")
     assert settings_from(parser().parse_args(REQUIRED + ["--preset", "high"])) == preset("high")
+
+
+def test_a_run_can_start_from_the_settings_of_a_report(tmp_path):
+    earlier = preset("high").updated(seed=7, output_resolution=1.2)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"gaussiansvr_version": "x", "settings": earlier.as_dict()}))
+    assert settings_from(parser().parse_args(REQUIRED + ["--settings", str(report)])) == earlier
+    again = settings_from(parser().parse_args(REQUIRED + ["--settings", str(report), "--seed", "3"]))
+    assert again == earlier.updated(seed=3)
+    (tmp_path / "odd.json").write_text(json.dumps({"settings": {"iterations": 5, "speed": "max"}}))
+    with pytest.raises(InputError, match="unknown: \\['speed'\\]"):
+        settings_from(parser().parse_args(REQUIRED + ["--settings", str(tmp_path / "odd.json")]))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(InputError, match="cannot be read as JSON"):
+        settings_from(parser().parse_args(REQUIRED + ["--settings", str(tmp_path / "broken.json")]))
