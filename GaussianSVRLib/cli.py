@@ -348,13 +348,16 @@ class BarEvents:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     from .export.paths import Outputs
+    from .io.stacks import read_stacks
     from .preflight import check_run
 
     outputs = Outputs(
         args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, args.output_qc
     )
     settings = settings_from(args)
-    check_run(args.input_stacks, args.stack_masks, settings, outputs)  # before torch is even imported
+    # Bad settings, outputs and input files are reported before the engine (and torch) is loaded.
+    check_run(args.input_stacks, args.stack_masks, settings, outputs)
+    stacks = read_stacks(args.input_stacks, args.stack_masks, args.thicknesses)
 
     from .export.qc import summary_table
     from .pipeline import reconstruct
@@ -365,7 +368,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     try:
         with stop:
             result = reconstruct(
-                args.input_stacks, args.stack_masks, args.thicknesses, settings, outputs, emitter or bar, stop
+                args.input_stacks,
+                args.stack_masks,
+                args.thicknesses,
+                settings,
+                outputs,
+                emitter or bar,
+                stop,
+                stacks,
             )
     finally:
         if bar is not None:

@@ -25,7 +25,7 @@ from .fit.optimize import Hooks, optimize
 from .fit.prediction import SliceTensors
 from .fit.quality import SliceQuality
 from .io.slices import coarsen_slices
-from .io.stacks import normalized_intensities, read_stacks
+from .io.stacks import Stack, normalized_intensities, read_stacks
 from .model.gaussians import GaussianField
 from .model.motion import SliceMotion
 from .preflight import preflight
@@ -94,9 +94,14 @@ def read_problem(
     settings: Settings,
     volume_path: str | None,
     run: Run,
+    stacks: list[Stack] | None = None,
 ) -> Problem:
-    """Stacks read and checked, masked (given or propagated), bias-corrected and normalized."""
-    stacks = read_stacks(list(stack_paths), list(mask_paths) if mask_paths else None, list(thicknesses or []))
+    """Stacks read and checked (unless given: read already by read_stacks from the same paths), masked
+    (given or propagated), bias-corrected and normalized."""
+    if stacks is None:
+        stacks = read_stacks(
+            list(stack_paths), list(mask_paths) if mask_paths else None, list(thicknesses or [])
+        )
     run.check()
     # Normalized before N4 too, so that the correction sees the same numbers whatever the file's units.
     stacks = [
@@ -188,13 +193,15 @@ def reconstruct(
     outputs: Outputs | None = None,
     events: Events | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stacks: list[Stack] | None = None,
 ) -> Reconstruction:
     """Reconstruct one volume from stacks; writes the requested outputs and returns the results.
 
     events(kind, **fields) receives the protocol messages of io/progress.py ("started", "progress",
     "checkpoint"); should_stop() is polled between steps and iterations and ends the run early (a
     cancel): the last preview is kept and no final output is written. Raises InputError (with the
-    file or flag at fault) before any work for bad settings, outputs or inputs.
+    file or flag at fault) before any work for bad settings, outputs or inputs. ``stacks``: the stacks
+    as read_stacks read them from these paths, when the caller has read them already.
     """
     settings, outputs, run = settings or Settings(), outputs or Outputs(), Run(events, should_stop)
     if (
@@ -209,7 +216,9 @@ def reconstruct(
         torch.manual_seed(settings.seed)
         try:
             with run.stage("read"):
-                problem = read_problem(stack_paths, mask_paths, thicknesses, settings, outputs.volume, run)
+                problem = read_problem(
+                    stack_paths, mask_paths, thicknesses, settings, outputs.volume, run, stacks
+                )
             with run.stage("initialize"):
                 fit = start_fit(problem, settings, outputs, device, run)
             with run.stage("optimize"):

@@ -55,7 +55,7 @@ def test_the_wheel_holds_the_demo_data_and_its_demo_runs_from_anywhere(tmp_path)
     assert Path(where).is_relative_to(venv), where
     done = subprocess.run(
         [str(venv / "bin" / "gaussiansvr"), "demo", "--output-dir", "out", "--preset", "preview",
-         "--iterations", "3", "--device", "cpu"],
+         "--iterations", "1", "--device", "cpu"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -314,7 +314,7 @@ def test_a_worker_killed_mid_run_leaves_nothing_half_written(dataset, scheduler,
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     )
-    slow = [*TINY[:3], "400", *TINY[4:]]  # long enough to be caught running
+    slow = [*TINY[:3], "150", *TINY[4:]]  # long enough to be caught running
     runner = subprocess.Popen(
         [
             sys.executable,

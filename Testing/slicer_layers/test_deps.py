@@ -26,6 +26,7 @@ SCIPY, NUMBA = (next(p for p in deps.PACKAGES if p.distribution == name) for nam
 UNDECLARED = {
     "tqdm": "the terminal progress bar only; the worker runs with --progress json",
     "faiss": "the neighbour search on CUDA when faiss has GPU support; the CPU uses scipy's k-d tree",
+    "distributed": "the cohort command (gaussiansvr batch) only, which Slicer does not run",
 }
 #: Import names of what Slicer ships (vtk's modules import as vtkmodules) and of torch (the extension).
 SLICER_PROVIDES = {"numpy", "vtk", "vtkmodules", "SimpleITK", "torch"}
