@@ -102,6 +102,17 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
         metavar="M",
         help="one brain mask per stack, 'none' for a stack without (the given masks are propagated to it)",
     )
+    box = p.add_mutually_exclusive_group()
+    box.add_argument(
+        "--roi",
+        nargs=6,
+        type=number(float),
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="a box around the brain by two opposite corners (LPS mm): the mask of every stack without one",
+    )
+    box.add_argument(
+        "--roi-from", metavar="ROI", help="the same box from a 3D Slicer markups ROI file (.mrk.json)"
+    )
     p.add_argument(
         "--thicknesses",
         nargs="+",
@@ -114,6 +125,18 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-json", metavar="J", help="JSON report: settings, timings, per-slice QC")
     p.add_argument(
         "--output-qc", metavar="PNG", help="quality-control image: slice weights and the rejected slices"
+    )
+    p.add_argument(
+        "--output-transform",
+        metavar="T",
+        help="with --output-space atlas: the atlas-to-scanner transform (.tfm; in Slicer, stacks under it "
+        "line up with the volume); default: beside the volume, V_standard_space.tfm",
+    )
+    p.add_argument(
+        "--output-masks",
+        metavar="DIR",
+        help="write the brain mask each stack was reconstructed with (given, propagated or from the box) "
+        "to DIR, on the stack's grid: DIR/<stack name>_mask.nii.gz",
     )
     p.add_argument("--preview-dir", metavar="D", help="folder for live previews (checkpoints)")
     p.add_argument("--preset", choices=get_args(PresetName), default="standard", help="settings preset")
@@ -347,16 +370,29 @@ class BarEvents:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .export.paths import Outputs
+    from .export.paths import Outputs, beside
+    from .io.roi import box_from_corners, read_slicer_roi
     from .io.stacks import read_stacks
     from .preflight import check_run
 
-    outputs = Outputs(
-        args.output_volume, args.output_gaussians, args.output_json, args.preview_dir, args.output_qc
-    )
     settings = settings_from(args)
+    transform = args.output_transform
+    if transform is None and settings.output_space == "atlas":
+        transform = str(beside(args.output_volume, "_standard_space.tfm"))
+    outputs = Outputs(
+        args.output_volume,
+        args.output_gaussians,
+        args.output_json,
+        args.preview_dir,
+        args.output_qc,
+        transform,
+        args.output_masks,
+    )
     # Bad settings, outputs and input files are reported before the engine (and torch) is loaded.
-    check_run(args.input_stacks, args.stack_masks, settings, outputs)
+    check_run(args.input_stacks, args.stack_masks, settings, outputs, args.roi_from)
+    roi = (
+        read_slicer_roi(args.roi_from) if args.roi_from else box_from_corners(args.roi) if args.roi else None
+    )
     stacks = read_stacks(args.input_stacks, args.stack_masks, args.thicknesses)
 
     from .export.qc import summary_table
@@ -376,6 +412,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                 emitter or bar,
                 stop,
                 stacks,
+                roi,
             )
     finally:
         if bar is not None:
@@ -391,6 +428,11 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         lines = [
             summary_table(result.report),
             *(f"{key}: {path}" for key, path in result.paths.items() if path),
+            *(
+                [f"masks: {args.output_masks} ({len(masks)} files)"]
+                if (masks := result.report["outputs"].get("masks"))
+                else []
+            ),
         ]
         try:
             print("\n".join(lines), flush=True)

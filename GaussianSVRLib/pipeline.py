@@ -18,12 +18,14 @@ from .export.frame import Snapshot, snapshot, volume_image
 from .export.paths import OUTPUT_KINDS, Outputs
 from .export.report import build_report
 from .export.results import Reconstruction, write_results
+from .export.standard_space import in_standard_space
 from .fit.bias import correct_bias
 from .fit.initialize import Problem, initial_models, prepare
 from .fit.mask_propagation import prepare_masks
 from .fit.optimize import Hooks, optimize
 from .fit.prediction import SliceTensors
 from .fit.quality import SliceQuality
+from .io.roi import Box
 from .io.slices import coarsen_slices
 from .io.stacks import Stack, normalized_intensities, read_stacks
 from .model.gaussians import GaussianField
@@ -95,9 +97,10 @@ def read_problem(
     volume_path: str | None,
     run: Run,
     stacks: list[Stack] | None = None,
+    roi: Box | None = None,
 ) -> Problem:
     """Stacks read and checked (unless given: read already by read_stacks from the same paths), masked
-    (given or propagated), bias-corrected and normalized."""
+    (given, the box ``roi``, or propagated), bias-corrected and normalized."""
     if stacks is None:
         stacks = read_stacks(
             list(stack_paths), list(mask_paths) if mask_paths else None, list(thicknesses or [])
@@ -106,7 +109,7 @@ def read_problem(
     # Normalized before N4 too, so that the correction sees the same numbers whatever the file's units.
     stacks = [
         normalized_intensities(stack)
-        for stack in prepare_masks(stacks, settings.mask_dilation_mm, settings.seed)
+        for stack in prepare_masks(stacks, settings.mask_dilation_mm, settings.seed, roi)
     ]
     run.check()
     if settings.bias_correction == "n4":
@@ -194,6 +197,7 @@ def reconstruct(
     events: Events | None = None,
     should_stop: Callable[[], bool] | None = None,
     stacks: list[Stack] | None = None,
+    roi: Box | None = None,
 ) -> Reconstruction:
     """Reconstruct one volume from stacks; writes the requested outputs and returns the results.
 
@@ -201,7 +205,8 @@ def reconstruct(
     "checkpoint"); should_stop() is polled between steps and iterations and ends the run early (a
     cancel): the last preview is kept and no final output is written. Raises InputError (with the
     file or flag at fault) before any work for bad settings, outputs or inputs. ``stacks``: the stacks
-    as read_stacks read them from these paths, when the caller has read them already.
+    as read_stacks read them from these paths, when the caller has read them already. ``roi``: a box
+    around the brain, the mask of every stack that has none.
     """
     settings, outputs, run = settings or Settings(), outputs or Outputs(), Run(events, should_stop)
     if (
@@ -217,7 +222,7 @@ def reconstruct(
         try:
             with run.stage("read"):
                 problem = read_problem(
-                    stack_paths, mask_paths, thicknesses, settings, outputs.volume, run, stacks
+                    stack_paths, mask_paths, thicknesses, settings, outputs.volume, run, stacks, roi
                 )
             with run.stage("initialize"):
                 fit = start_fit(problem, settings, outputs, device, run)
@@ -230,8 +235,22 @@ def reconstruct(
                 fit.previews.at_end(settings.iterations)
                 state = snapshot(problem, fit.field, fit.motion)
                 image = volume_image(state, problem.grid_affine, problem.grid_shape, settings, device)
+            space = None
+            if settings.output_space == "atlas":
+                with run.stage("standard_space"):
+                    image, space = in_standard_space(state, image, settings, device)
+                if space.ambiguous:
+                    run.warn(
+                        f"the orientation in standard space is uncertain: a turned brain fits the atlas "
+                        f"almost as well ({space.runner_up:.3f} against {space.fit.correlation:.3f}); check "
+                        "the volume against the scanner frame"
+                    )
             report = report_of(fit, state, settings, device, run, cancelled=False)
-            paths = write_results(outputs, problem, state, image, report, fit.quality, run.check)
+            if space is not None:
+                report["standard_space"] = space.as_dict()
+            if roi is not None:
+                report["roi"] = roi.as_dict()
+            paths = write_results(outputs, problem, state, image, report, fit.quality, run.check, space)
         except Cancelled:
             return cancelled_run(fit, settings, device, run)
     return Reconstruction(image, state.gaussians(), report, fit.quality, False, paths)

@@ -16,6 +16,7 @@ from .export.paths import Outputs
 from .io.gaussians_file import init_path
 from .io.masks import is_no_mask
 from .io.outputs import (
+    TRANSFORM_EXTENSIONS,
     OutputLock,
     check_folder_target,
     check_image_extension,
@@ -33,14 +34,19 @@ OUTPUT_NAMES = {
     "ellipsoids": "ellipsoid file",
     "report": "JSON report",
     "qc": "quality-control picture",
+    "transform": "transform file",
 }
 
 
 def input_files(
-    stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings
+    stack_paths: Sequence[str],
+    mask_paths: Sequence[str | None] | None,
+    settings: Settings,
+    roi_path: str | None = None,
 ) -> dict[Path, str]:
-    """Every file the run reads, by what it is: stacks, their BIDS sidecars, masks, initial Gaussians."""
-    files: dict[Path, str] = {}
+    """Every file the run reads, by what it is: stacks, their BIDS sidecars, masks, initial Gaussians,
+    the ROI file."""
+    files: dict[Path, str] = {Path(roi_path): "ROI file"} if roi_path else {}
     for path in stack_paths:
         files[Path(path)] = "input stack"
         if sidecar_path(path).is_file():
@@ -53,13 +59,17 @@ def input_files(
     return files
 
 
-def check_outputs(outputs: Outputs) -> dict[Path, str]:
+def check_outputs(outputs: Outputs, stack_paths: Sequence[str] = ()) -> dict[Path, str]:
     """Refuse unusable output paths; returns every file the run may write, by what it is."""
     files = outputs.files()
     if "volume" in files:
         check_image_extension(files["volume"])
     if "qc" in files and not files["qc"].name.lower().endswith(".png"):
         raise InputError(files["qc"], "the quality-control picture must end with .png")
+    if "transform" in files and not files["transform"].name.lower().endswith(TRANSFORM_EXTENSIONS):
+        raise InputError(
+            files["transform"], f"the transform file must end with one of {', '.join(TRANSFORM_EXTENSIONS)}"
+        )
     targets: dict[Path, str] = {}
     for kind, path in files.items():
         check_target(path, OUTPUT_NAMES[kind])
@@ -73,16 +83,35 @@ def check_outputs(outputs: Outputs) -> dict[Path, str]:
             if path.exists() or path.is_symlink():
                 check_target(path, "preview file")
             targets[path] = "preview file"
+    if outputs.masks_dir is not None:
+        check_folder_target(outputs.masks_dir, "mask folder")
+        named: dict[Path, str] = {}
+        for stack, path in zip(stack_paths, outputs.mask_files(list(stack_paths)), strict=True):
+            if path in named:
+                raise InputError(
+                    stack, f"has the same file name as {named[path]}: their masks would both be {path}"
+                )
+            named[path] = stack
+            if path.exists() or path.is_symlink():
+                check_target(path, "output mask")
+            targets[path] = f"output mask of {stack}"
     return targets
 
 
 def check_run(
-    stack_paths: Sequence[str], mask_paths: Sequence[str | None] | None, settings: Settings, outputs: Outputs
+    stack_paths: Sequence[str],
+    mask_paths: Sequence[str | None] | None,
+    settings: Settings,
+    outputs: Outputs,
+    roi_path: str | None = None,
 ) -> list[str]:
     """Every check that needs no input read: the settings, the outputs, outputs against inputs. Returns
     the settings' warnings; raises InputError. Imports no torch (the command line runs it first)."""
     warnings = check(settings)
-    check_not_inputs(check_outputs(outputs), input_files(stack_paths, mask_paths, settings))
+    if outputs.transform is not None and settings.output_space != "atlas":
+        raise InputError(outputs.transform, "a transform file is written with --output-space atlas only")
+    inputs = input_files(stack_paths, mask_paths, settings, roi_path)
+    check_not_inputs(check_outputs(outputs, stack_paths), inputs)
     return warnings
 
 
@@ -92,7 +121,8 @@ def preflight(
 ) -> Iterator[list[str]]:
     """Check before any work and hold the outputs' lock for the run; yields the settings' warnings."""
     warnings = check_run(stack_paths, mask_paths, settings, outputs)
-    # The preview files are rewritten all run long: their folder is locked as one.
-    locked = [*outputs.files().values(), *([Path(outputs.preview_dir)] if outputs.preview_dir else [])]
+    # The preview files are rewritten all run long: their folder is locked as one, and the masks' too.
+    folders = [Path(folder) for folder in (outputs.preview_dir, outputs.masks_dir) if folder]
+    locked = [*outputs.files().values(), *folders]
     with OutputLock(locked):
         yield warnings

@@ -18,6 +18,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 BiasCorrection = Literal["n4", "none"]
 NeighbourBackend = Literal["auto", "faiss", "kdtree", "grid", "torch"]
 PresetName = Literal["preview", "standard", "high"]
+OutputSpace = Literal["scanner", "atlas"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,23 @@ class Settings:
         flag="--init-gaussians",
         metavar="G",
     )
+    output_space: OutputSpace = option(
+        "scanner",
+        "frame of the output volume: scanner (the reference stack's, as acquired) or atlas (the standard "
+        "anatomical orientation of the bundled fetal atlas of the brain's age, found by a rigid "
+        "registration from any starting orientation; the patient's size is kept)",
+        flag="--output-space",
+    )
+    gestational_age: float | None = option(
+        None,
+        "gestational age, which picks the atlas of --output-space atlas; default: estimated from the "
+        "brain volume (and reported)",
+        flag="--gestational-age",
+        limits=Range(15.0, 45.0),
+        plausible=Range(21.0, 34.0),
+        unit="weeks",
+        metavar="W",
+    )
     pose_search: bool = option(
         True,
         "re-try the pose of badly fitting slices from a grid of rotations a few times during the run "
@@ -284,7 +302,14 @@ def options() -> dict[str, Option]:
 
 def setting_type(name: str) -> Any:
     """The declared type of a setting (a class, a Literal, or ``int | None``)."""
-    hints = {"int": int, "float": float, "bool": bool, "str | None": str, "int | None": int}
+    hints = {
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "str | None": str,
+        "int | None": int,
+        "float | None": float,
+    }
     annotation = next(f.type for f in fields(Settings) if f.name == name)
     return hints.get(annotation) or globals()[annotation]
 
@@ -305,7 +330,7 @@ def check(settings: Settings) -> list[str]:
     warnings = []
     for name, spec in options().items():
         value = getattr(settings, name)
-        if value is None and name in ("reference_stack", "init_gaussians"):
+        if value is None and getattr(Settings(), name) is None:
             continue
         expected = setting_type(name)
         if choices(name):

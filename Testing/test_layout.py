@@ -15,7 +15,7 @@ PACKAGE = REPO / "GaussianSVRLib"
 LAYERS = {
     "errors": 0, "settings": 0, "geometry": 0, "timing": 0,
     "io": 1,
-    "devices": 2, "model": 2,
+    "devices": 2, "model": 2, "atlas": 2,
     "fit": 3,
     "export": 4, "qa": 4, "sim": 4,
     "preflight": 5,

@@ -33,7 +33,8 @@ def test_the_wheel_holds_the_demo_data_and_its_demo_runs_from_anywhere(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     required = ["cli.py", "io/outputs.py", "data/README.md", "data/atlas/LICENSE.txt",
                 "data/atlas/SB_GA28_operated_T2w.nii.gz", "data/sub01/LICENSE_repo_BSD3.txt",
-                "data/sub01/sub-01_run-6_T2w_desc-brain_mask.nii.gz"]  # fmt: skip
+                "data/sub01/sub-01_run-6_T2w_desc-brain_mask.nii.gz", "data/standard/LICENSE.txt",
+                "data/standard/GA21_T2w.nii.gz", "data/standard/GA34_brainmask.nii.gz"]  # fmt: skip
     for name in required:
         assert f"GaussianSVRLib/{name}" in names, name
     assert not any(name.startswith(("Testing/", "bench/", "GaussianSVR/")) for name in names)

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from ..atlas.registration import StandardSpace
 from ..fit.initialize import Problem
 from ..fit.quality import SliceQuality
+from ..fit.registration import mask_image
 from ..io.gaussians_file import write_npz, write_vtp
-from ..io.outputs import OutputSet, save_image, save_json, save_png
+from ..io.outputs import OutputSet, save_image, save_json, save_png, save_transform
 from .frame import Snapshot, continuation
 from .paths import OUTPUT_KINDS, Outputs
 from .qc import qc_image
@@ -50,15 +52,26 @@ def write_results(
     report: dict[str, Any],
     quality: SliceQuality,
     before_commit: Callable[[], None],
+    space: StandardSpace | None = None,
 ) -> dict[str, str | None]:
     """Stage every requested output, call ``before_commit`` (which raises to cancel: nothing is then
-    written), then put them all in place. Returns the written paths by kind (None: not asked for)."""
+    written), then put them all in place. Returns the written paths by kind (None: not asked for).
+
+    ``space``: where an atlas-space volume lies; its transform is the "transform" output.
+    """
     files = outputs.files()
+    if space is None:
+        files.pop("transform", None)
     paths: dict[str, str | None] = {
         kind: str(files[kind]) if kind in files else None for kind in OUTPUT_KINDS
     }
-    report["outputs"] = dict(paths)
+    masks = outputs.mask_files([stack.path for stack in problem.stacks])
+    report["outputs"] = dict(paths) | ({"masks": [str(path) for path in masks]} if masks else {})
+    if masks:
+        masks[0].parent.mkdir(exist_ok=True)
     with OutputSet() as staged:
+        for stack, path in zip(problem.stacks, masks, strict=False):  # no masks: no mask_dir
+            staged.add(path, partial(save_image, mask_image(stack)))
         if "volume" in files:
             staged.add(files["volume"], partial(save_image, image))
         if "gaussians" in files:
@@ -69,6 +82,8 @@ def write_results(
         if "qc" in files and quality.predicted is not None:
             picture = qc_image(report, problem.stacks, problem.slices, quality.predicted)
             staged.add(files["qc"], partial(save_png, picture))
+        if "transform" in files and space is not None:
+            staged.add(files["transform"], partial(save_transform, space.fit.transform()))
         if "report" in files:
             staged.add(files["report"], partial(save_json, report))
         before_commit()

@@ -1,4 +1,5 @@
-"""Brain masks before reconstruction: propagated to stacks that have none, and dilated by a margin."""
+"""Brain masks before reconstruction: a box or a propagated mask for stacks that have none, all dilated
+by a margin."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..geometry import set_image_geometry
+from ..io.roi import Box, box_mask
 from ..io.stacks import Stack
 from .registration import mask_image, register_rigid
 
@@ -50,25 +52,32 @@ def propagate(source: Stack, target: Stack, seed: int = 0) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).astype(bool)
 
 
-def prepare_masks(stacks: list[Stack], margin_mm: float, seed: int = 0) -> list[Stack]:
-    """Every stack with a brain mask: its own, or one propagated from the largest given mask; all
-    dilated by margin_mm (propagated ones by PROPAGATION_MARGIN_MM more).
+def prepare_masks(
+    stacks: list[Stack], margin_mm: float, seed: int = 0, roi: Box | None = None
+) -> list[Stack]:
+    """Every stack with a brain mask: its own, else the box ``roi`` when one is given, else one
+    propagated from the largest given mask; all dilated by margin_mm (propagated ones by
+    PROPAGATION_MARGIN_MM more).
 
-    Without any mask there is no brain to reconstruct: an InputError says what to give.
+    Without any mask or box there is no brain to reconstruct: an InputError says what to give.
     """
     masked = [s for s, stack in enumerate(stacks) if has_mask(stack)]
-    if not masked:
+    if not masked and roi is None:
         raise InputError(
             stacks[0].path,
             "no brain mask given: give --stack-masks for at least one stack ('none' for stacks "
-            "without), a mask is propagated to the others",
+            "without), a mask is propagated to the others; or a box around the brain (--roi, --roi-from)",
         )
-    source = max(masked, key=lambda s: stacks[s].mask.sum() * float(np.prod(stacks[s].spacing)))
     prepared = []
     for stack in stacks:
         if has_mask(stack):
             mask, margin = stack.mask, margin_mm
+        elif roi is not None:
+            mask, margin = box_mask(roi, stack.affine, stack.data.shape), margin_mm
+            if not (mask & (stack.data != 0)).any():
+                raise InputError(stack.path, "the ROI box does not reach this stack (no voxel of it inside)")
         else:
+            source = max(masked, key=lambda s: stacks[s].mask.sum() * float(np.prod(stacks[s].spacing)))
             mask, margin = propagate(stacks[source], stack, seed), margin_mm + PROPAGATION_MARGIN_MM
             log.info("mask of %s propagated from %s (%d voxels)", stack.path, stacks[source].path, mask.sum())
             if not mask.any():

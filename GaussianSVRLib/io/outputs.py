@@ -208,6 +208,19 @@ def save_png(array: np.ndarray, path: Path) -> None:
         raise OSError(errno.EIO, "the file read back differs from what was written")
 
 
+#: What ITK writes a transform as, by extension (Slicer reads all three).
+TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".h5")
+
+
+def save_transform(transform: sitk.Transform, path: Path) -> None:
+    """Write an ITK transform file and read it back (same parameters)."""
+    with native_stderr():
+        sitk.WriteTransform(transform, str(path))
+        back = sitk.ReadTransform(str(path))
+    if not np.allclose(back.GetParameters(), transform.GetParameters(), atol=1e-6):
+        raise OSError(errno.EIO, "the file read back differs from what was written")
+
+
 def write_image(image: sitk.Image, path: str | Path) -> None:
     """Write a SimpleITK image atomically, in the format named by the extension (.nii.gz, .nrrd, ...)."""
     check_image_extension(path)

@@ -709,6 +709,75 @@ def file_size_limit(root: Path, stacks: SimulationResult) -> Case:
     return Case(args, [str(volume)], "could not be written", [root / "out"], file_size_limit=1 << 20)
 
 
+def roi_case(roi: list[str], problem: str, names: list[str] | None = None) -> Builder:
+    """A box given instead of masks (--roi numbers, or --roi-from FILE: the content of FILE)."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        args = stack_args(stacks, masks=False) + outputs(root / "out") + roi
+        return Case(args, names or [roi[0]], problem, [root / "out"])
+
+    return build
+
+
+def roi_file(content: str | None, problem: str, json: bool = False) -> Builder:
+    """--roi-from a file with this content (None: a file that does not exist)."""
+
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        path = root / "box.mrk.json"
+        if content is not None:
+            path.write_text(content)
+        args = stack_args(stacks, masks=False) + outputs(root / "out") + ["--roi-from", str(path)]
+        return Case(args, [str(path)], problem, [root, root / "out"], json=json)
+
+    return build
+
+
+def roi_outside_the_stacks(root: Path, stacks: SimulationResult) -> Case:
+    args = (
+        stack_args(stacks, masks=False)
+        + outputs(root / "out")
+        + ["--roi", "500", "500", "500", "520", "520", "520"]
+    )
+    return Case(args, [stacks.stack_paths[0]], "does not reach this stack", [root / "out"], json=True)
+
+
+def transform_case(extra: list[str], name: str, problem: str) -> Builder:
+    def build(root: Path, stacks: SimulationResult) -> Case:
+        args = stack_args(stacks) + outputs(root / "out") + [
+            "--output-transform", str(root / "out" / name), *extra
+        ]  # fmt: skip
+        return Case(args, [str(root / "out" / name)], problem, [root / "out"])
+
+    return build
+
+
+def masks_over_an_input_mask(root: Path, stacks: SimulationResult) -> Case:
+    """--output-masks into the stacks' own folder, where an input mask has the name the output takes."""
+    stack, mask = root / "s.nii.gz", root / "s_mask.nii.gz"
+    stack.write_bytes(Path(stacks.stack_paths[1]).read_bytes())
+    mask.write_bytes(Path(stacks.mask_paths[1]).read_bytes())
+    args = ["--input-stacks", stacks.stack_paths[0], str(stack), "--stack-masks", stacks.mask_paths[0],
+            str(mask), "--output-masks", str(root)] + outputs(root / "out")  # fmt: skip
+    return Case(args, [str(mask)], "would overwrite the input mask", [root, root / "out"], json=True)
+
+
+def masks_of_two_stacks_one_name(root: Path, stacks: SimulationResult) -> Case:
+    for folder, source in (("a", stacks.stack_paths[0]), ("b", stacks.stack_paths[1])):
+        (root / folder).mkdir()
+        (root / folder / "s.nii.gz").write_bytes(Path(source).read_bytes())
+    masks = root / "out" / "masks"
+    args = ["--input-stacks", str(root / "a" / "s.nii.gz"), str(root / "b" / "s.nii.gz"), "--stack-masks",
+            *stacks.mask_paths[:2], "--output-masks", str(masks)] + outputs(root / "out")  # fmt: skip
+    return Case(args, [str(root / "b" / "s.nii.gz")], "same file name", [root / "out"])
+
+
+def masks_folder_is_a_file(root: Path, stacks: SimulationResult) -> Case:
+    target = root / "out" / "masks"
+    target.write_text("a file")
+    args = stack_args(stacks) + outputs(root / "out") + ["--output-masks", str(target)]
+    return Case(args, [str(target)], "not a folder", [root / "out"])
+
+
 #: tmpfs mounted by the cases, unmounted when the module's runs are done.
 MOUNTS: list[Path] = []
 
@@ -808,6 +877,30 @@ CASES: dict[str, Builder] = {
     "outputs locked by another run": outputs_locked,
     "disk full (tmpfs)": full_disk,
     "file size limit": file_size_limit,
+    "gestational age 60 weeks": bad_setting("--gestational-age", "60", "between 15 and 45 weeks"),
+    "unknown output space": bad_setting("--output-space", "mni", "invalid choice", json=True),
+    "transform without atlas space": transform_case([], "t.tfm", "with --output-space atlas only"),
+    "transform as .nii.gz": transform_case(["--output-space", "atlas"], "t.nii.gz", "must end with one of"),
+    "flat ROI": roi_case(["--roi", "0", "0", "0", "10", "0", "10"], "flat", ["--roi"]),
+    "ROI with five numbers": roi_case(
+        ["--roi", "0", "0", "0", "10", "10"], "expected 6 arguments", ["--roi"]
+    ),
+    "ROI twice": roi_case(
+        ["--roi", *"0 0 0 9 9 9".split(), "--roi-from", "x.json"], "not allowed with", ["--roi-from"]
+    ),
+    "ROI file missing": roi_file(None, "not found"),
+    "ROI file not JSON": roi_file("{markups", "not a readable markups JSON", json=True),
+    "ROI file without ROI": roi_file('{"markups": [{"type": "Fiducial"}]}', "holds no markups ROI"),
+    "ROI file with a flat ROI": roi_file(
+        '{"markups": [{"type": "ROI", "center": [0, 0, 0], "size": [10, 0, 10]}]}', "flat", json=True
+    ),
+    "ROI file with text for numbers": roi_file(
+        '{"markups": [{"type": "ROI", "center": ["a", 0, 0], "size": [10, 10, 10]}]}', "finite numbers"
+    ),
+    "ROI outside every stack": roi_outside_the_stacks,
+    "output mask over an input mask": masks_over_an_input_mask,
+    "two stacks' masks on one name": masks_of_two_stacks_one_name,
+    "mask folder is a file": masks_folder_is_a_file,
 }
 
 

@@ -143,14 +143,17 @@ def test_declared_minimums_are_the_engines():
 
 
 def engine_imports() -> set[str]:
-    """Top-level names of every import in GaussianSVRLib, including those inside functions."""
+    """Top-level names of every import in GaussianSVRLib, including those inside functions; a script's
+    import of a script beside it (the data scripts) is no package."""
     names: set[str] = set()
     for path in (REPO / "GaussianSVRLib").rglob("*.py"):
+        found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                found.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+                found.add(node.module.split(".")[0])
+        names |= found - {beside.stem for beside in path.parent.glob("*.py")}
     return names - set(sys.stdlib_module_names) - {"GaussianSVRLib"}
 
 

@@ -119,8 +119,11 @@ def test_library_cmake_installs_every_library_file_in_its_own_folder():
     listed = set(sections["SCRIPTS"])
     missing = sorted(name for name in listed if not (folder / name).is_file())
     assert missing == [], f"listed but missing (the CMake configure step would fail): {missing}"
-    # The demo data (and the script that derived them) serve the command line, not Slicer.
+    # The demo data (and the scripts that derived them) serve the command line, not Slicer; the
+    # standard-space atlases serve both.
     assert {name for name in python_files(folder) if not name.startswith("data/")} == listed
+    standard = {p.relative_to(folder).as_posix() for p in (folder / "data" / "standard").iterdir()}
+    assert set(sections["RESOURCES"]) == standard
 
 
 def test_extensions_index_entry_matches_the_schema_and_the_dependencies():
