@@ -178,3 +178,18 @@ def rotate_slice_views(slice_nodes, volume) -> None:
     read in its planes and not cut obliquely."""
     for slice_node in slice_nodes:
         slice_node.RotateToVolumePlane(volume)
+
+
+def scanner_to_standard_ras(atlas_to_scanner_lps: np.ndarray) -> np.ndarray:
+    """The RAS transform (4, 4, to parent) that carries scanner-space nodes (the stacks, the ellipsoids)
+    onto an atlas-space volume: the inverse of the report's ``atlas_to_scanner`` (LPS), in RAS."""
+    return LPS_TO_RAS @ np.linalg.inv(np.asarray(atlas_to_scanner_lps, dtype=np.float64)) @ LPS_TO_RAS
+
+
+def place_under_transform(scene, name: str, to_parent_ras: np.ndarray, children) -> object:
+    """A new linear transform node (``to_parent_ras`` (4, 4)) with the given nodes under it."""
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent_ras))
+    for child in children:
+        child.SetAndObserveTransformNodeID(transform.GetID())
+    return transform

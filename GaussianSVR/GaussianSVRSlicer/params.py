@@ -27,6 +27,8 @@ LABELS = {
     "cuda": "CUDA GPU",
     "n4": "N4 (before fitting)",
     "none": "None",
+    "scanner": "Scanner (as acquired)",
+    "atlas": "Standard planes (atlas)",
 }
 
 
@@ -44,7 +46,8 @@ def choices_enum(name: str, values: tuple[str, ...]) -> type[Choice]:
 Preset = choices_enum("Preset", get_args(engine.PresetName))
 Device = choices_enum("Device", engine.choices("device"))
 BiasCorrection = choices_enum("BiasCorrection", engine.choices("bias_correction"))
-ENUMS = {"preset": Preset, "device": Device, "bias_correction": BiasCorrection}
+OutputSpace = choices_enum("OutputSpace", engine.choices("output_space"))
+ENUMS = {"preset": Preset, "device": Device, "bias_correction": BiasCorrection, "output_space": OutputSpace}
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
         "--preset",
     ),
     engine_setting("outputResolution", "output_resolution", decimals=2),
+    engine_setting("outputSpace", "output_space"),
     engine_setting("nGaussians", "n_gaussians"),
     engine_setting("kNeighbours", "k_neighbours"),
     engine_setting("iterations", "iterations", ui_range=(1, 100_000)),

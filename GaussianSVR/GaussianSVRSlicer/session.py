@@ -259,6 +259,23 @@ class ReconstructionSession:
             self.changes.will_modify(self.gaussians_model)
         return self.gaussians_model
 
+    def _align_with_standard_space(self, atlas_to_scanner) -> None:
+        """The volume came out in standard space: the stacks, their masks and the ellipsoids (all in
+        the scanner's frame) go under one transform that lines them up with it, and the views turn
+        to its planes."""
+        inputs = [stack.volume for stack in self.request.stacks] + [
+            stack.mask for stack in self.request.stacks if stack.mask is not None
+        ]
+        children = [node for node in [*inputs, self.gaussians_model] if node is not None]
+        nodes.place_under_transform(
+            self.scene,
+            f"{self._output_name()} scanner to standard",
+            nodes.scanner_to_standard_ras(atlas_to_scanner),
+            children,
+        )
+        if self.on_first_preview is not None:
+            self.on_first_preview(self.output_volume)
+
     def _finalize(self) -> None:
         self._finalized = True
         if self.state.outcome is Outcome.DONE:
@@ -271,6 +288,8 @@ class ReconstructionSession:
             self.report = _read_report(done.get("report"))
         outcome = self.state.outcome
         if outcome is Outcome.DONE:
+            if self.report is not None and "standard_space" in self.report:
+                self._align_with_standard_space(self.report["standard_space"]["atlas_to_scanner"])
             return
         if outcome is Outcome.CANCELLED:
             if self.state.checkpoint is not None and self.state.checkpoint is not self._shown_checkpoint:

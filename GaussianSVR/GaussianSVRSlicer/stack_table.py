@@ -53,17 +53,27 @@ class StackTable:
         finally:
             self._silent = False
 
+    def unused_volumes(self, excluded=()) -> list:
+        """The scene's scalar volumes (not label maps) that no row holds, nor ``excluded``, in scene order."""
+        used = {row.volume for row in self.rows()} | set(excluded)
+        candidates = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+        return [n for n in candidates if n not in used and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+
     def add_row(self, volume=None) -> None:
         """Append a row for ``volume`` (default: the first volume not yet in the table)."""
         if volume is None:
-            used = {row.volume for row in self.rows()}
-            candidates = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            volume = next(
-                (n for n in candidates if n not in used and not n.IsA("vtkMRMLLabelMapVolumeNode")), None
-            )
+            volume = next(iter(self.unused_volumes()), None)
         thickness = default_thickness(volume) if volume is not None else 1.0
         self._append(Row(volume, None, thickness, True))
         self._changed()
+
+    def add_all_rows(self, excluded=()) -> None:
+        """Append a row for every volume not yet in the table nor ``excluded`` (the output volume)."""
+        volumes = self.unused_volumes(excluded)
+        for volume in volumes:
+            self._append(Row(volume, None, default_thickness(volume), True))
+        if volumes:
+            self._changed()
 
     def remove_current_row(self) -> None:
         row = self.table.currentRow()

@@ -45,7 +45,12 @@ class Widget:
         self.timer.connect("timeout()", lambda: self.controller.tick(self.parameters))
         self.ui.applyButton.connect("clicked(bool)", lambda _checked: self.controller.press(self.parameters))
         self.ui.addStackButton.connect("clicked(bool)", lambda _checked: self.table.add_row())
+        self.ui.addAllStacksButton.connect("clicked(bool)", lambda _checked: self.add_all_stacks())
         self.ui.removeStackButton.connect("clicked(bool)", lambda _checked: self.table.remove_current_row())
+
+    def add_all_stacks(self) -> None:
+        output = self.parameters.outputVolume if self.parameters is not None else None
+        self.table.add_all_rows(excluded=[output] if output is not None else [])
 
     # -- the parameter node ------------------------------------------------------------------------
 

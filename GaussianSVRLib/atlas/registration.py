@@ -25,6 +25,9 @@ GRID_ROTATIONS = 600
 SEARCH_SPACING_MM = 4.0
 #: Smoothing (mm, Gaussian sigma) of both volumes for the search: it sees shapes, not texture.
 SEARCH_SMOOTHING_MM = 3.0
+#: Sizes tried for the atlas brain, relative to the volume's foreground: that often holds more than
+#: the brain (a mask's margin, fluid in a box), rarely less.
+SEARCH_SIZES = np.array([0.7, 0.8, 0.9, 1.0, 1.1])
 #: How many of the best-scoring orientations are refined, and how far apart they must be.
 CANDIDATES = 6
 DISTINCT_DEG = 30.0
@@ -180,20 +183,16 @@ def distinct_best(scores: np.ndarray, rotations: np.ndarray, count: int) -> list
 
 def search(comparison: Comparison, volume: sitk.Image, atlas: Atlas) -> list[AtlasFit]:
     """The CANDIDATES best distinct orientations of the atlas on the volume, best first: every rotation
-    of the grid, brain centres and sizes matched."""
+    of the grid at every size of SEARCH_SIZES, centred on the volume's foreground."""
     volume_centre, volume_ml = region_moments(foreground(volume), image_affine(volume))
-    start = AtlasFit(
-        atlas.week,
-        np.eye(3),
-        atlas.brain_centre(),
-        volume_centre,
-        (volume_ml / atlas.brain_ml) ** (1 / 3),
-        0.0,
-    )
-    rotations = rotation_grid(GRID_ROTATIONS)
-    scores = comparison.scores(start, rotations, np.zeros((len(rotations), 3)), np.ones(len(rotations)))
+    size = (volume_ml / atlas.brain_ml) ** (1 / 3)
+    start = AtlasFit(atlas.week, np.eye(3), atlas.brain_centre(), volume_centre, size, 0.0)
+    grid = rotation_grid(GRID_ROTATIONS)
+    rotations = np.tile(grid, (len(SEARCH_SIZES), 1, 1))
+    factors = np.repeat(SEARCH_SIZES, len(grid))
+    scores = comparison.scores(start, rotations, np.zeros((len(rotations), 3)), factors)
     return [
-        replace(start, rotation=rotations[r], correlation=float(scores[r]))
+        replace(start, rotation=rotations[r], scale=size * factors[r], correlation=float(scores[r]))
         for r in distinct_best(scores, rotations, CANDIDATES)
     ]
 

@@ -347,6 +347,47 @@ def test_session_with_the_engine_fills_the_output_nodes_and_saves_the_files(scen
     assert not model.GetDisplayNode().GetVisibility()
 
 
+def test_standard_space_carries_scanner_nodes_onto_the_atlas_volume(scene):
+    """A point of a stack under the transform lands, in RAS, where the atlas-space volume has that
+    anatomy: the report's atlas-to-scanner map (LPS) inverted."""
+    import slicer
+
+    atlas_to_scanner = np.eye(4)
+    atlas_to_scanner[:3, :3] = Rotation.from_rotvec([0.4, -0.7, 1.1]).as_matrix()
+    atlas_to_scanner[:3, 3] = [12.0, -30.0, 5.0]
+    stack = slicer.util.addVolumeFromArray(np.ones((3, 4, 5), np.float32), name="stack")
+    transform = nodes.place_under_transform(
+        scene, "to standard", nodes.scanner_to_standard_ras(atlas_to_scanner), [stack]
+    )
+    assert stack.GetTransformNodeID() == transform.GetID()
+    atlas_lps = np.array([10.0, 20.0, -15.0])
+    scanner_ras = nodes.LPS_TO_RAS[:3, :3] @ (atlas_to_scanner[:3, :3] @ atlas_lps + atlas_to_scanner[:3, 3])
+    world = transform.GetTransformToParent().TransformPoint(tuple(scanner_ras))
+    np.testing.assert_allclose(world, nodes.LPS_TO_RAS[:3, :3] @ atlas_lps, atol=1e-6)
+
+
+def test_a_run_in_standard_planes_lines_the_stacks_up_with_the_result(scene, tmp_path):
+    shown = []
+    request = tiny_request(scene)
+    request.settings = dict(request.settings, outputSpace=params.OutputSpace.ATLAS)
+    run = session.ReconstructionSession(
+        scene, request, tmp_path / "run", python=[sys.executable], on_first_preview=shown.append
+    )
+    run.start()
+    state = run.wait(timeout_s=240)
+    assert state.outcome is Outcome.DONE, state.failure_details()
+    matrix = np.asarray(run.report["standard_space"]["atlas_to_scanner"])
+    (transform,) = scene.GetNodesByClass("vtkMRMLLinearTransformNode")
+    import slicer
+
+    to_parent = slicer.util.arrayFromTransformMatrix(transform)
+    np.testing.assert_allclose(to_parent, nodes.scanner_to_standard_ras(matrix), atol=1e-9)
+    under = [stack.volume for stack in request.stacks] + [request.stacks[0].mask, run.gaussians_model]
+    assert all(node.GetTransformNodeID() == transform.GetID() for node in under)
+    assert run.output_volume.GetTransformNodeID() is None
+    assert shown == [run.output_volume, run.output_volume]  # the views turn again, to the standard planes
+
+
 def test_a_run_continues_from_the_kept_gaussians_of_the_last_one(scene, tmp_path):
     import slicer
 

@@ -442,6 +442,23 @@ def test_the_stack_table_adds_prefills_and_removes_rows(scene, stack_table):
     assert len(changes) == before and table.rows() == [Row(first, None, 4.0, True)]  # silent
 
 
+def test_add_all_stacks_adds_every_volume_not_yet_in_the_table(scene, stack_table):
+    import slicer
+
+    volumes = [slicer.util.addVolumeFromArray(np.ones((5, 6, 7), np.float32), name=f"s{i}") for i in range(4)]
+    slicer.util.addVolumeFromArray(np.ones((5, 6, 7), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    changes = []
+    table = stack_table.StackTable(FakeTable(), lambda: changes.append(1))
+    table.add_row()
+    table.add_all_rows(excluded=[volumes[2]])  # the output volume
+    assert [r.volume for r in table.rows()] == [volumes[0], volumes[1], volumes[3]]
+    assert len(changes) == 2
+    table.add_all_rows()
+    table.add_all_rows()  # nothing left: no row, no change
+    assert [r.volume for r in table.rows()] == [volumes[0], volumes[1], volumes[3], volumes[2]]
+    assert len(changes) == 3
+
+
 # -- the views turned to the result (real MRML) ----------------------------------------------------
 
 
