@@ -179,6 +179,11 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
         "--stack-intensity-scale", type=float, default=1.0, help="intensity factor of the last stack"
     )
     p.add_argument("--bias-field", type=float, default=0.0, help="amplitude of a bias field per stack")
+    p.add_argument(
+        "--surroundings",
+        action="store_true",
+        help="put a synthetic skull, fluid and uterus around a skull-stripped brain (outside its mask)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_simulate)
 
@@ -444,10 +449,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_simulate(args: argparse.Namespace) -> int:
     from .io.images import read_image
     from .sim.simulate import simulate_stacks
+    from .sim.surroundings import surround
 
+    volume, mask = read_image(args.volume, "volume"), read_image(args.mask, "mask")
+    if args.surroundings:
+        volume, mask = surround(volume, mask, seed=args.seed)
     result = simulate_stacks(
-        read_image(args.volume, "volume"),
-        read_image(args.mask, "mask"),
+        volume,
+        mask,
         args.output_dir,
         n_stacks=args.n_stacks,
         in_plane=args.in_plane,

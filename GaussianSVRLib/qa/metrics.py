@@ -8,6 +8,7 @@ the same global ambiguity from the estimated slice transforms before comparing t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,33 @@ def _transform_summary(transform: sitk.Euler3DTransform, centre: np.ndarray) -> 
     }
 
 
+@dataclass
+class Compared:
+    """A reconstruction on the reference's grid: x (its voxels there, [k, j, i] float64), y (the
+    reference's), inside (the mask there), the rigid transform that aligned them, and the grid."""
+
+    x: np.ndarray
+    y: np.ndarray
+    inside: np.ndarray
+    transform: sitk.Euler3DTransform
+    grid: sitk.Image
+
+
+def compare(
+    reconstruction: sitk.Image, reference: sitk.Image, mask: sitk.Image, *, align: bool = True
+) -> Compared:
+    """The reconstruction registered rigidly to the reference (``rigid_align``, unless not ``align``)
+    and resampled (linear) on its grid, with the mask there."""
+    fixed = _as_float(reference)
+    mask_image = _mask_on(mask, reference)
+    inside = sitk.GetArrayFromImage(mask_image) > 0
+    if not inside.any():
+        raise InputError(None, "the evaluation mask is empty on the reference grid")
+    transform = rigid_align(reconstruction, fixed, mask_image) if align else sitk.Euler3DTransform()
+    x = _resample(_as_float(reconstruction), fixed, transform)
+    return Compared(x, sitk.GetArrayFromImage(fixed).astype(np.float64), inside, transform, fixed)
+
+
 def evaluate(
     reconstruction: sitk.Image, reference: sitk.Image, mask: sitk.Image, *, align: bool = True
 ) -> dict[str, Any]:
@@ -197,14 +225,10 @@ def evaluate(
     numbers: row-major A then b of the map reference world -> reconstruction world, LPS mm),
     ``alignment_angle_deg`` and ``alignment_shift_mm`` (displacement of the mask centroid).
     """
-    fixed = _as_float(reference)
-    mask_image = _mask_on(mask, reference)
-    mask_array = sitk.GetArrayFromImage(mask_image) > 0
-    if not mask_array.any():
-        raise InputError(None, "the evaluation mask is empty on the reference grid")
-    transform = rigid_align(reconstruction, fixed, mask_image) if align else sitk.Euler3DTransform()
-    x = _resample(_as_float(reconstruction), fixed, transform)
-    y = sitk.GetArrayFromImage(fixed).astype(np.float64)
+    compared = compare(reconstruction, reference, mask, align=align)
+    x, y, mask_array, transform, fixed = (
+        compared.x, compared.y, compared.inside, compared.transform, compared.grid
+    )  # fmt: skip
     xm, ym = x[mask_array], y[mask_array]
     a, b = fit_intensity(xm, ym)
     fitted = a * x + b

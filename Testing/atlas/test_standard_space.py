@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import phantom_image
 from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.atlas.bundled import estimate_week, load_atlas, nearest_week, weeks
@@ -49,9 +48,9 @@ def turned(image: sitk.Image, matrix: np.ndarray) -> sitk.Image:
 
 
 @pytest.fixture(scope="module")
-def anatomy() -> sitk.Image:
+def anatomy(phantom_fine) -> sitk.Image:
     """The 28-week brain at 1.2 mm (the bundled 0.8 mm atlas crop, not the 1.6 mm standard atlases)."""
-    return phantom_image(1.2)[0]
+    return phantom_fine[0]
 
 
 def test_the_rotation_grid_covers_every_orientation():
