@@ -67,10 +67,10 @@ def simulated(name: str) -> tuple[simulate.SimulationResult, sitk.Image, sitk.Im
     return result, volume, mask
 
 
-def measure(name: str, seed: int) -> dict:
+def measure(name: str, seed: int, settings: dict) -> dict:
     result, volume, mask = simulated(name)
     folder = OUTPUT / name / f"seed{seed}"
-    spec = {"preset": "standard", "settings": {"seed": seed}, "stacks": result.stack_paths,
+    spec = {"preset": "standard", "settings": {**settings, "seed": seed}, "stacks": result.stack_paths,
             "masks": result.mask_paths, "thicknesses": None, "volume": str(folder / "volume.nii.gz"),
             "report": str(folder / "report.json")}  # fmt: skip
     run = base.run_child(spec, folder)
@@ -95,11 +95,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--write", type=Path, default=SECTION)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: the target case, once, 10 iterations"
+    )
     args = parser.parse_args()
+    settings = {"iterations": base.QUICK_ITERATIONS} if args.quick else {}
+    if args.quick:
+        args.cases, args.repeats = "target", 1
     started, info = time.perf_counter(), base.machine(os.getloadavg())
     rows = {}
     for name in args.cases.split(","):
-        runs = [measure(name, seed) for seed in range(args.repeats)]
+        runs = [measure(name, seed, settings) for seed in range(args.repeats)]
         rows[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(name, {key: round(value, 3) for key, value in rows[name].items()}, flush=True)
     columns = ["psnr", "ssim", "ncc", "fwhm", "vs_blurred", *(f"depth {b}" for b in BANDS), "time"]

@@ -32,6 +32,7 @@ SCRIPTS = (
     ("forward", "bench_forward.py", []),
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
+    ("resolution", "bench_resolution.py", []),
     ("real", "bench_real.py", []),
     ("cohort", "bench_cohort.py", []),
 )
