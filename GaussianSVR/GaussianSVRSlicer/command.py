@@ -88,10 +88,11 @@ def reconstruct_command(
     files: RunFiles,
     settings: Mapping[str, object],
     init_gaussians: Path | None = None,
+    roi: Path | None = None,
 ) -> list[str]:
     """The full worker command. A stack without a mask gets the engine's NO_MASK placeholder (the
-    engine propagates the given masks to it); init_gaussians is an earlier run's .npz to continue
-    from."""
+    engine propagates the given masks to it, or takes the box of ``roi``, a markups ROI file);
+    init_gaussians is an earlier run's .npz to continue from."""
     if not stacks:
         raise ValueError("no input stacks")
     command = [
@@ -124,4 +125,6 @@ def reconstruct_command(
     ]
     if init_gaussians is not None:
         command += ["--init-gaussians", str(init_gaussians)]
+    if roi is not None:
+        command += ["--roi-from", str(roi)]
     return command + params.engine_arguments(settings)

@@ -111,15 +111,18 @@ def _segmentation_on_stack_grid(segmentation_node, stack_node) -> sitk.Image:
         scene.RemoveNode(labelmap)
 
 
-def export_stacks(stacks: Sequence[StackInput], folder: Path) -> list[StackFiles]:
-    """Write the stacks (and masks) into ``folder``; the files the worker reads, in table order."""
+def export_stacks(stacks: Sequence[StackInput], folder: Path, with_box: bool = False) -> list[StackFiles]:
+    """Write the stacks (and masks) into ``folder``; the files the worker reads, in table order.
+    ``with_box``: a brain box (ROI) comes with them, so no mask is needed."""
     if not stacks:
         raise InputProblem("add at least one stack to the table and tick its Include box")
     for stack in stacks:
         if stack.thickness <= 0:
             raise InputProblem(f"{stack.volume.GetName()}: the slice thickness must be positive")
-    if all(stack.mask is None for stack in stacks):
-        raise InputProblem("give a brain mask for at least one stack: it is propagated to the others")
+    if not with_box and all(stack.mask is None for stack in stacks):
+        raise InputProblem(
+            "give a brain mask for at least one stack (it is propagated to the others), or a brain box (ROI)"
+        )
     files = []
     for index, stack in enumerate(stacks):
         image = volume_to_image(stack.volume)
@@ -131,6 +134,28 @@ def export_stacks(stacks: Sequence[StackInput], folder: Path) -> list[StackFiles
             write_image(mask_to_image(stack.mask, stack.volume), mask_path)
         files.append(StackFiles(image_path, mask_path, float(stack.thickness)))
     return files
+
+
+def export_roi(roi_node, folder: Path) -> Path:
+    """Write a markups ROI as the engine reads it (--roi-from): Slicer's own JSON, in LPS.
+
+    The file holds the ROI in its node's coordinates, so an ROI under a transform is refused (harden
+    the transform first) rather than exported where it is not shown.
+    """
+    if roi_node.GetParentTransformNode() is not None:
+        raise InputProblem(f"{roi_node.GetName()}: the ROI is under a transform; harden it first")
+    scene = roi_node.GetScene()
+    storage = slicer.vtkMRMLMarkupsROIJsonStorageNode()
+    scene.AddNode(storage)
+    try:
+        storage.SetCoordinateSystem(slicer.vtkMRMLStorageNode.CoordinateSystemLPS)
+        path = folder / "roi.mrk.json"
+        storage.SetFileName(str(path))
+        if not storage.WriteData(roi_node):
+            raise InputProblem(f"{roi_node.GetName()}: the ROI could not be written to {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return path
 
 
 def _ijk_to_ras_matrix(node) -> vtk.vtkMatrix4x4:

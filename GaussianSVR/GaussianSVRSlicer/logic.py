@@ -92,6 +92,7 @@ class Logic:
             output_folder=output_folder(p.saveToFolder, p.outputFolder),
             glyphs=glyph_style(p),
             init_gaussians=init_gaussians,
+            roi=p.roi,
         )
 
     def start(self, request: Request) -> ReconstructionSession:

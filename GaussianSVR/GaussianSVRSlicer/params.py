@@ -169,6 +169,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
 #: Node references of the parameter node: name -> MRML class.
 NODE_PARAMETERS: dict[str, str] = {
     "outputVolume": "vtkMRMLScalarVolumeNode",
+    "roi": "vtkMRMLMarkupsROINode",
     "gaussiansModel": "vtkMRMLModelNode",
 }
 

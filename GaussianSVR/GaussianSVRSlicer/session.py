@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import command, engine_path, nodes
-from .inputs import InputProblem, StackInput, export_stacks
+from .inputs import InputProblem, StackInput, export_roi, export_stacks
 from .run_state import Outcome, RunState, Throttle
 from .runner import DEFAULT_GRACE_S, EventKind, WorkerEvent, WorkerProcess
 
@@ -54,6 +54,7 @@ class Request:
     output_folder: Path | None = None
     glyphs: GlyphStyle = field(default_factory=GlyphStyle)
     init_gaussians: Path | None = None  # an earlier run's Gaussians (.npz) to continue from
+    roi: Any = None  # a markups ROI node around the brain: the mask of the stacks without one
 
 
 class ReconstructionSession:
@@ -103,14 +104,16 @@ class ReconstructionSession:
     def start(self) -> None:
         """Export the inputs and start the worker. Raises InputProblem for inputs the user must fix."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        stack_files = export_stacks(self.request.stacks, self.work_dir)
+        roi = self.request.roi
+        stack_files = export_stacks(self.request.stacks, self.work_dir, with_box=roi is not None)
+        roi_file = export_roi(roi, self.work_dir) if roi is not None else None
         output_dir = self.request.output_folder or self.work_dir
         self.files = command.RunFiles.in_folders(
             Path(output_dir), self.work_dir, command.safe_file_name(self._output_name())
         )
         self.files.preview_dir.mkdir(parents=True, exist_ok=True)
         args = command.reconstruct_command(
-            self.python, stack_files, self.files, self.request.settings, self.request.init_gaussians
+            self.python, stack_files, self.files, self.request.settings, self.request.init_gaussians, roi_file
         )
         engine_dir = engine_path.find_engine_dir()
         log.info("GaussianSVR worker: %s", " ".join(args))

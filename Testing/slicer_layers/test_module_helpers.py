@@ -78,6 +78,8 @@ def test_the_engine_parses_the_command_into_the_chosen_settings(tmp_path):
 
 
 def test_stacks_without_a_mask_get_the_placeholder(tmp_path):
+    from GaussianSVRLib import cli
+
     settings = {spec.name: spec.default for spec in params.ENGINE_SETTINGS}
     unmasked = [command.StackFiles(Path("a.nrrd"), None, 3.0)]
     assert "--stack-masks" not in command.reconstruct_command(["py"], unmasked, files(tmp_path), settings)
@@ -87,6 +89,10 @@ def test_stacks_without_a_mask_get_the_placeholder(tmp_path):
     assert masks == [command.NO_MASK, "m.nrrd"]
     with pytest.raises(ValueError, match="no input"):
         command.reconstruct_command(["py"], [], files(tmp_path), settings)
+    boxed = command.reconstruct_command(
+        ["py"], unmasked, files(tmp_path), settings, roi=tmp_path / "roi.mrk.json"
+    )
+    assert cli.parser().parse_args(boxed[3:]).roi_from == str(tmp_path / "roi.mrk.json")
 
 
 def test_worker_environment_puts_the_engine_first(tmp_path):

@@ -255,6 +255,36 @@ def test_input_problems_are_reported_before_any_run(scene, tmp_path):
     with pytest.raises(inputs.InputProblem, match="brain mask"):
         inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path)
     assert inputs.default_thickness(stack) == pytest.approx(3.0)
+    # With a brain box, no mask is needed.
+    files = inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path, with_box=True)
+    assert files[0].mask is None and files[0].image.is_file()
+
+
+def test_an_roi_node_reaches_the_engine_as_the_same_box(scene, tmp_path):
+    """The ROI the user placed, exported for --roi-from: the engine's box holds exactly the points
+    that Slicer says are in the ROI; an ROI under a transform is refused."""
+    import vtk
+
+    from GaussianSVRLib.io.roi import read_slicer_roi
+
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "brain box")
+    matrix = vtk.vtkMatrix4x4()
+    rotation = Rotation.from_rotvec([-0.2, 0.6, 0.3]).as_matrix()
+    for i in range(3):
+        for j in range(3):
+            matrix.SetElement(i, j, rotation[i, j])
+    matrix.SetElement(0, 3, -8.0)
+    roi.SetAndObserveObjectToNodeMatrix(matrix)
+    roi.SetSize(60.0, 45.0, 50.0)
+    box = read_slicer_roi(inputs.export_roi(roi, tmp_path))
+    points_ras = np.random.default_rng(2).uniform(-40, 40, (300, 3))
+    slicer_says = np.array([roi.IsPointInROIWorld(tuple(p)) for p in points_ras])
+    assert 30 < slicer_says.sum() < 270
+    np.testing.assert_array_equal(box.contains(points_ras * [-1.0, -1.0, 1.0]), slicer_says)
+    assert not scene.GetNodesByClass("vtkMRMLMarkupsROIJsonStorageNode").GetNumberOfItems()
+    roi.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(inputs.InputProblem, match="harden"):
+        inputs.export_roi(roi, tmp_path)
 
 
 # -- undoing a failed run ---------------------------------------------------------------------------------

@@ -290,7 +290,9 @@ def parameters(scene, **changes):
     volumes = [slicer.util.addVolumeFromArray(np.ones((4, 5, 6), np.float32), name=f"s{i}") for i in range(3)]
     values = {spec.name: spec.default for spec in params.all_settings()}
     values.update(stacks=volumes, masks=[None, volumes[0]], thicknesses=[3.0, 2.5, 4.0])
-    values.update(includeStacks=[True, False], outputVolume=None, gaussiansModel=None, outputFolder="")
+    values.update(
+        includeStacks=[True, False], outputVolume=None, gaussiansModel=None, outputFolder="", roi=None
+    )
     values.update(changes)
     return SimpleNamespace(**values), volumes
 
@@ -304,7 +306,7 @@ def test_the_request_is_what_the_parameters_say(scene, tmp_path):
         4.0,
     ]
     assert request.settings["kNeighbours"] == 12 and request.output_folder == tmp_path
-    assert request.init_gaussians is None
+    assert request.init_gaussians is None and request.roi is None
     assert rows_of(p)[1] == Row(volumes[1], volumes[0], 2.5, False) and same_rows(rows_of(p), rows_of(p))
 
 
