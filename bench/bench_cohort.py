@@ -70,7 +70,10 @@ def main() -> int:
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--preset", default="preview", choices=("preview", "standard", "high"))
     parser.add_argument("--write", type=Path, default=SECTION)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 subjects")
     args = parser.parse_args()
+    if args.quick:
+        args.subjects = 2
     started = time.perf_counter()
     info = base.machine(os.getloadavg())
     bids, masks = make_dataset(OUTPUT / "data", args.subjects)
@@ -97,7 +100,7 @@ def main() -> int:
         f"sum of single runs {sum(singles):.1f} s"
     )
     lines = [
-        *base.section_heading("Cohort (gaussiansvr batch)", False, ""),
+        *base.section_heading("Cohort (gaussiansvr batch)", args.quick, "2 subjects"),
         f"Measured {info['date']} at commit {info['commit']} on {info['nproc']} CPUs ({info['cpu']}), load "
         f"{info['load_start'][0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; bench took "
         f"{time.perf_counter() - started:.0f} s. {args.subjects} subjects, each the bundled 28-week atlas "
