@@ -234,11 +234,12 @@ def reconstruct(
             with run.stage("render"):
                 fit.previews.at_end(settings.iterations)
                 state = snapshot(problem, fit.field, fit.motion)
-                image = volume_image(state, problem.grid_affine, problem.grid_shape, settings, device)
+                if settings.output_space == "scanner":
+                    image = volume_image(state, problem.grid_affine, problem.grid_shape, settings, device)
             space = None
             if settings.output_space == "atlas":
                 with run.stage("standard_space"):
-                    image, space = in_standard_space(state, image, settings, device)
+                    image, space = in_standard_space(state, problem, settings, device)
                 if space.ambiguous:
                     run.warn(
                         f"the orientation in standard space is uncertain: a turned brain fits the atlas "

@@ -327,10 +327,10 @@ def describe(name: str) -> str:
 def check(settings: Settings) -> list[str]:
     """Judge every setting; returns warnings for unusual values, raises InputError for values that cannot
     work (a wrong type, a value outside its limits, settings that contradict each other)."""
-    warnings = []
+    warnings, defaults = [], Settings()
     for name, spec in options().items():
         value = getattr(settings, name)
-        if value is None and getattr(Settings(), name) is None:
+        if value is None and getattr(defaults, name) is None:
             continue
         expected = setting_type(name)
         if choices(name):

@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,10 @@ SIMULATION = {"n_stacks": 4, "in_plane": 0.8, "thickness": 3.0, "max_rotation_de
 BANDS = band_names()
 
 
+@cache
 def simulated(name: str) -> tuple[simulate.SimulationResult, sitk.Image, sitk.Image]:
-    """The case's stacks (simulated once per set of parameters), its truth and brain mask."""
+    """The case's stacks (simulated once per set of parameters), its truth and brain mask (built once
+    per process: the surroundings take seconds)."""
     atlas, surrounded = CASES[name]
     volume = sitk.ReadImage(str(base.ATLAS_DIR / f"{atlas}_T2w.nii.gz"), sitk.sitkFloat32)
     mask = sitk.ReadImage(str(base.ATLAS_DIR / f"{atlas}_brainmask.nii.gz"))

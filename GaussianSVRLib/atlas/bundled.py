@@ -42,6 +42,7 @@ class Atlas:
         return np.asarray(self.mask.TransformContinuousIndexToPhysicalPoint(index.tolist()))
 
 
+@cache
 def weeks() -> tuple[int, ...]:
     """The weeks of gestation with a bundled atlas, ascending."""
     found = (re.fullmatch(r"GA(\d+)_T2w\.nii\.gz", path.name) for path in ATLAS_DIR.iterdir())

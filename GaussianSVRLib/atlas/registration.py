@@ -42,6 +42,8 @@ FINE_CANDIDATES = 3
 #: A chosen orientation that correlates with the atlas by less than this more than the best turned
 #: one is ambiguous (on the bundled real stacks the margin is 0.024, on simulated ones above 0.1).
 CLEAR_MARGIN = 0.01
+#: Placements scored at once (memory: SCORE_CHUNK x sample points x 3 doubles, a few tens of MB).
+SCORE_CHUNK = 256
 #: Voxels above this fraction of the volume's 99th percentile are its foreground.
 FOREGROUND_FRACTION = 0.15
 
@@ -154,13 +156,23 @@ class Comparison:
         self, fit: AtlasFit, rotations: np.ndarray, shifts: np.ndarray, scales: np.ndarray
     ) -> np.ndarray:
         """The correlation (M,) of the atlas placed by the fit with each of M changes: a rotation (M, 3, 3)
-        on the left of the fit's, a shift (M, 3) of its centre and a factor (M,) on its scale."""
+        on the left of the fit's, a shift (M, 3) of its centre and a factor (M,) on its scale.
+
+        Scored SCORE_CHUNK changes at a time: the search's 3000 placements of every sample point at
+        once would take a gigabyte.
+        """
         local = self.points - fit.atlas_centre
         linear = (scales * fit.scale)[:, None, None] * (rotations @ fit.rotation)
-        placed = np.einsum("mij,nj->mni", linear, local) + (fit.volume_centre + shifts)[:, None, :]
-        samples = sampled(self.volume, self.affine, placed)
-        samples = samples - samples.mean(axis=1, keepdims=True)
-        return (samples @ self.values) / (np.linalg.norm(samples, axis=1) * np.sqrt(self.values.size) + 1e-12)
+        centres = fit.volume_centre + shifts
+        scores = np.empty(len(linear))
+        for start in range(0, len(linear), SCORE_CHUNK):
+            part = slice(start, start + SCORE_CHUNK)
+            placed = np.einsum("mij,nj->mni", linear[part], local) + centres[part, None, :]
+            samples = sampled(self.volume, self.affine, placed)
+            samples -= samples.mean(axis=1, keepdims=True)
+            norms = np.linalg.norm(samples, axis=1) * np.sqrt(self.values.size) + 1e-12
+            scores[part] = (samples @ self.values) / norms
+        return scores
 
 
 def sampled(array: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:

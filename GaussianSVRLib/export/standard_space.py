@@ -15,9 +15,10 @@ import torch
 
 from ..atlas.bundled import load_atlas
 from ..atlas.registration import StandardSpace, foreground, standard_space
+from ..fit.initialize import Problem
 from ..geometry import image_affine, set_image_geometry
 from ..settings import Settings
-from .frame import Snapshot, volume_image
+from .frame import Snapshot, preview_grid, volume_image
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,14 @@ def standard_grid(
 
 
 def in_standard_space(
-    state: Snapshot, scanner_volume: sitk.Image, settings: Settings, device: torch.device
+    state: Snapshot, problem: Problem, settings: Settings, device: torch.device
 ) -> tuple[sitk.Image, StandardSpace]:
-    """The Gaussians sampled in the atlas frame of their age, and where that frame lies."""
+    """The Gaussians sampled in the atlas frame of their age, and where that frame lies.
+
+    The registration sees them on the coarse preview grid (the atlases are 1.6 mm); only the
+    standard-space grid is sampled at the output resolution.
+    """
+    scanner_volume = volume_image(state, *preview_grid(problem), settings, device)
     space = standard_space(scanner_volume, settings.gestational_age)
     affine, shape = standard_grid(scanner_volume, space, settings.output_resolution)
     image = volume_image(state, space.fit.matrix() @ affine, shape, settings, device)

@@ -267,23 +267,18 @@ def scheduler(tmp_path):
 
 
 @pytest.mark.slow
+def batch_on(address: str, bids: Path, out: Path, masks: Path, settings: list[str]) -> list[str]:
+    """The batch command line for subject 01 on the scheduler at ``address``."""
+    return ["batch", str(bids), str(out), "--masks-dir", str(masks), "--scheduler", address,
+            "--participant-label", "01", *settings]  # fmt: skip
+
+
 def test_an_external_scheduler_is_reached_with_scheduler(dataset, scheduler, tmp_path):
     bids, masks = dataset
     address, worker = scheduler
     worker("one")
     out = tmp_path / "out"
-    done = gaussiansvr(
-        "batch",
-        str(bids),
-        str(out),
-        "--masks-dir",
-        str(masks),
-        "--scheduler",
-        address,
-        "--participant-label",
-        "01",
-        *TINY,
-    )
+    done = gaussiansvr(*batch_on(address, bids, out, masks, TINY))
     assert done.returncode == 0, done.stderr[-2000:]
     assert qc_rows(out)["sub-01"]["status"] == "done" and len(qc_rows(out)) == 1
     assert "1 of 1 subjects reconstructed" in done.stdout
@@ -316,21 +311,7 @@ def test_a_worker_killed_mid_run_leaves_nothing_half_written(dataset, scheduler,
     )
     slow = [*TINY[:3], "150", *TINY[4:]]  # long enough to be caught running
     runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "GaussianSVRLib",
-            "batch",
-            str(bids),
-            str(out),
-            "--masks-dir",
-            str(masks),
-            "--scheduler",
-            address,
-            "--participant-label",
-            "01",
-            *slow,
-        ],
+        [sys.executable, "-m", "GaussianSVRLib", *batch_on(address, bids, out, masks, slow)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
