@@ -68,6 +68,8 @@ def prepare_masks(
             "no brain mask given: give --stack-masks for at least one stack ('none' for stacks "
             "without), a mask is propagated to the others; or a box around the brain (--roi, --roi-from)",
         )
+    volumes = {s: stacks[s].mask.sum() * float(np.prod(stacks[s].spacing)) for s in masked}
+    source = max(volumes, key=volumes.__getitem__) if masked else None
     prepared = []
     for stack in stacks:
         if has_mask(stack):
@@ -77,7 +79,6 @@ def prepare_masks(
             if not (mask & (stack.data != 0)).any():
                 raise InputError(stack.path, "the ROI box does not reach this stack (no voxel of it inside)")
         else:
-            source = max(masked, key=lambda s: stacks[s].mask.sum() * float(np.prod(stacks[s].spacing)))
             mask, margin = propagate(stacks[source], stack, seed), margin_mm + PROPAGATION_MARGIN_MM
             log.info("mask of %s propagated from %s (%d voxels)", stack.path, stacks[source].path, mask.sum())
             if not mask.any():
