@@ -243,8 +243,8 @@ def reconstruct(
                 if space.ambiguous:
                     run.warn(
                         f"the orientation in standard space is uncertain: a turned brain fits the atlas "
-                        f"almost as well ({space.runner_up:.3f} against {space.fit.correlation:.3f}); check "
-                        "the volume against the scanner frame"
+                        f"almost as well (correlation {space.margin:.3f} lower only); check the volume "
+                        "against the scanner frame"
                     )
             report = report_of(fit, state, settings, device, run, cancelled=False)
             if space is not None:

@@ -91,12 +91,14 @@ class StandardSpace:
     fit: AtlasFit
     week: float
     week_estimated: bool
-    #: The correlation of the best orientation more than DISTINCT_DEG from the chosen one.
-    runner_up: float
+    #: How much better the chosen orientation correlated than the best one more than DISTINCT_DEG
+    #: from it, both on the atlas of the search (before any change of week: correlations with
+    #: different atlases do not compare).
+    margin: float
 
     @property
     def ambiguous(self) -> bool:
-        return self.fit.correlation - self.runner_up < CLEAR_MARGIN
+        return self.margin < CLEAR_MARGIN
 
     def as_dict(self) -> dict:
         return {
@@ -106,7 +108,7 @@ class StandardSpace:
             "brain_volume_ml": round(float(self.fit.brain_ml), 1),
             "atlas_to_scanner": np.round(self.fit.matrix(), 6).tolist(),
             "correlation": round(self.fit.correlation, 4),
-            "runner_up_correlation": round(self.runner_up, 4),
+            "margin_over_turned": round(self.margin, 4),
         }
 
 
@@ -283,6 +285,7 @@ def standard_space(volume: sitk.Image, week: float | None = None) -> StandardSpa
     """The volume's brain placed on the atlas of its age: ``week`` when given, else the age estimated
     from the brain volume that a first registration (to the middle week) finds."""
     fit, runner_up = register(volume, load_atlas(nearest_week(week) if week is not None else DEFAULT_WEEK))
+    margin = fit.correlation - runner_up
     estimated = week is None
     if estimated:
         week = estimate_week(fit.brain_ml)
@@ -292,4 +295,4 @@ def standard_space(volume: sitk.Image, week: float | None = None) -> StandardSpa
                 Comparison(matched, volume, matched.t2.GetSpacing()[0], FINE_SMOOTHING_MM),
                 rebased(fit, matched),
             )
-    return StandardSpace(fit, float(week), estimated, runner_up)
+    return StandardSpace(fit, float(week), estimated, margin)
