@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
+from .brain_search import find_brain
 from .devices import choose_device, use_cpu_threads
 from .errors import Cancelled
 from .export.checkpoints import Previews
@@ -20,13 +21,11 @@ from .export.report import build_report
 from .export.results import Reconstruction, write_results
 from .export.standard_space import in_standard_space
 from .fit.bias import correct_bias
-from .fit.initialize import Problem, initial_models, prepare
-from .fit.mask_propagation import prepare_masks
+from .fit.initialize import Problem, data_stages, initial_models, prepare
+from .fit.mask_propagation import has_mask, prepare_masks
 from .fit.optimize import Hooks, optimize
-from .fit.prediction import SliceTensors
 from .fit.quality import SliceQuality
 from .io.roi import Box
-from .io.slices import coarsen_slices
 from .io.stacks import Stack, normalized_intensities, read_stacks
 from .model.gaussians import GaussianField
 from .model.motion import SliceMotion
@@ -51,6 +50,8 @@ class Run:
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
         self.cpu_threads = 0
+        #: What the brain search found, for a run given neither masks nor a box.
+        self.brain_search: dict | None = None
 
     def warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -67,6 +68,14 @@ class Run:
         yield
         self.timings[f"{name}_s"] = self.timings.get(f"{name}_s", 0.0) + time.monotonic() - mark
         self.check()
+
+    def hooks(self, stage: str) -> Hooks:
+        """The optimizer's hooks for a fit before the run's own (its progress under ``stage``)."""
+
+        def progress(step: int, total: int, loss: float, _: str, eta: float) -> None:
+            self.progress(step, total, loss, stage, eta)
+
+        return Hooks(progress=progress, should_stop=self.should_stop)
 
     def progress(self, step: int, total: int, loss: float, stage: str, eta: float) -> None:
         elapsed = round(time.monotonic() - self.started, 1)
@@ -96,35 +105,35 @@ def read_problem(
     settings: Settings,
     volume_path: str | None,
     run: Run,
+    device: torch.device,
     stacks: list[Stack] | None = None,
     roi: Box | None = None,
 ) -> Problem:
     """Stacks read and checked (unless given: read already by read_stacks from the same paths), masked
-    (given, the box ``roi``, or propagated), bias-corrected and normalized."""
+    (given, the box ``roi``, propagated, or, with neither masks nor box, found by the brain search),
+    bias-corrected and normalized."""
     if stacks is None:
         stacks = read_stacks(
             list(stack_paths), list(mask_paths) if mask_paths else None, list(thicknesses or [])
         )
     run.check()
+    if roi is None and not any(has_mask(stack) for stack in stacks):
+        with run.stage("brain_search"):
+            stacks, run.brain_search = find_brain(stacks, settings, device, run.hooks("brain search"))
+        found_ml = run.brain_search["brain_volume_ml"]
+        run.warn(
+            f"no brain mask given: the brain was found automatically ({found_ml:.0f} ml); check its masks "
+            "(--output-masks), or give masks or a box if they are wrong"
+        )
+    else:
+        stacks = prepare_masks(stacks, settings.mask_dilation_mm, settings.seed, roi)
     # Normalized before N4 too, so that the correction sees the same numbers whatever the file's units.
-    stacks = [
-        normalized_intensities(stack)
-        for stack in prepare_masks(stacks, settings.mask_dilation_mm, settings.seed, roi)
-    ]
+    stacks = [normalized_intensities(stack) for stack in stacks]
     run.check()
     if settings.bias_correction == "n4":
         stacks = [normalized_intensities(correct_bias(stack)) for stack in stacks]
         run.check()
     return prepare(stacks, settings, volume_path)
-
-
-def data_stages(problem: Problem, settings: Settings, device: torch.device) -> dict[str, SliceTensors]:
-    """The slice pixels of each stage on the device: "fine", and "coarse" (half resolution) if asked for."""
-    stages = {"fine": SliceTensors.from_slices(problem.slices, 1.0, device)}
-    if settings.coarse_to_fine:
-        coarse = coarsen_slices(problem.slices, problem.stacks, 2)
-        stages["coarse"] = SliceTensors.from_slices(coarse, 1.0, device)
-    return stages
 
 
 def start_fit(problem: Problem, settings: Settings, outputs: Outputs, device: torch.device, run: Run) -> Fit:
@@ -222,7 +231,7 @@ def reconstruct(
         try:
             with run.stage("read"):
                 problem = read_problem(
-                    stack_paths, mask_paths, thicknesses, settings, outputs.volume, run, stacks, roi
+                    stack_paths, mask_paths, thicknesses, settings, outputs.volume, run, device, stacks, roi
                 )
             with run.stage("initialize"):
                 fit = start_fit(problem, settings, outputs, device, run)
@@ -251,6 +260,8 @@ def reconstruct(
                 report["standard_space"] = space.as_dict()
             if roi is not None:
                 report["roi"] = roi.as_dict()
+            if run.brain_search is not None:
+                report["brain_search"] = run.brain_search
             paths = write_results(outputs, problem, state, image, report, fit.quality, run.check, space)
         except Cancelled:
             return cancelled_run(fit, settings, device, run)

@@ -19,6 +19,7 @@ LAYERS = {
     "fit": 3,
     "export": 4, "qa": 4, "sim": 4,
     "preflight": 5,
+    "brain_search": 6,
     "pipeline": 6,
     "demo": 7, "cohort": 7,
     "cli": 8,

@@ -1,5 +1,5 @@
 """End to end on the phantom: better than the naive average, overlays its input, recovers motion; the
-masks it used written; a box instead of masks."""
+masks it used written; a box instead of masks; neither, the brain found."""
 
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ def test_a_box_stands_in_for_the_masks(reconstruction, phantom, phantom_stacks, 
         index = np.stack(np.nonzero(inside)[::-1], axis=1)  # (i, j, k)
         points = np.array([stack.TransformIndexToPhysicalPoint(tuple(int(v) for v in row)) for row in index])
         assert inside.any() and box.contains(points).all()
+
+
+def test_without_masks_or_box_the_brain_is_found(reconstruction, phantom, phantom_stacks, tmp_path):
+    """Neither masks nor a box: the brain search masks every stack close to its true mask, says so,
+    reports what it found, and the volume is close to the one made with the true masks."""
+    volume, mask = phantom
+    outputs = Outputs(str(tmp_path / "v.nii.gz"), masks_dir=str(tmp_path / "masks"))
+    same_count = TINY.updated(n_gaussians=reconstruction.report["n_gaussians"])
+    found = reconstruct(phantom_stacks.stack_paths, None, None, same_count, outputs)
+    search = found.report["brain_search"]
+    true_ml = sitk.GetArrayViewFromImage(mask).sum() * np.prod(mask.GetSpacing()) / 1000
+    assert search["brain_volume_ml"] == pytest.approx(true_ml, rel=0.25)
+    assert any("found automatically" in text for text in found.report["warnings"])
+    for stack_path, given in zip(phantom_stacks.stack_paths, phantom_stacks.mask_paths, strict=True):
+        auto = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "masks" / mask_name(stack_path)))) > 0
+        true = sitk.GetArrayFromImage(sitk.ReadImage(given)) > 0
+        assert 2 * (auto & true).sum() / (auto.sum() + true.sum()) > 0.8, stack_path
+    searched, with_masks = evaluate(found.volume, volume, mask), evaluate(reconstruction.volume, volume, mask)
+    assert searched["psnr"] > with_masks["psnr"] - 1.0, (searched, with_masks)
 
 
 def test_beats_the_naive_average(reconstruction, phantom, phantom_stacks):

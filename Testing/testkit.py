@@ -57,3 +57,20 @@ def gaussians(n=20, seed=1):
     means = rng.uniform(-40.0, 40.0, (n, 3))
     intensities = rng.normal(0.0, 1.0, n)
     return means.astype(np.float32), covariances.astype(np.float32), intensities.astype(np.float32)
+
+
+def random_turn(seed: int) -> np.ndarray:
+    """Any axis permutation (one of the 24 rotations of the cube) and up to 45 degrees on top (3, 3)."""
+    rng = np.random.default_rng(seed)
+    cube = Rotation.create_group("O").as_matrix()[rng.integers(24)]
+    axis = rng.normal(size=3)
+    extra = Rotation.from_rotvec(axis / np.linalg.norm(axis) * np.radians(rng.uniform(0, 45))).as_matrix()
+    return cube @ extra
+
+
+def rigid(rotation: np.ndarray, pivot: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The map (4, 4) x -> rotation (x - pivot) + pivot + shift."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = pivot + shift - rotation @ pivot
+    return matrix

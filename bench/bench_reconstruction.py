@@ -148,7 +148,7 @@ def cpu_seconds() -> float:
 
 def child(spec_path: Path) -> None:
     """Run reconstruct() as described by spec.json (preset, settings, stacks, masks, optional
-    thicknesses and gaussians, volume, report paths); write result.json beside it.
+    thicknesses, gaussians and masks folder, volume, report paths); write result.json beside it.
 
     result.json: wall and CPU seconds of reconstruct(), the Gaussian count it used and the seconds
     per optimizer step (first to last progress event, neighbour refreshes included).
@@ -159,7 +159,7 @@ def child(spec_path: Path) -> None:
     steps: list[tuple[int, float]] = []
 
     def events(kind: str, **fields: Any) -> None:
-        if kind == "progress":
+        if kind == "progress" and fields["stage"] != "brain search":
             steps.append((fields["iter"], time.perf_counter()))
 
     started, cpu = time.perf_counter(), cpu_seconds()
@@ -168,7 +168,12 @@ def child(spec_path: Path) -> None:
         spec["masks"],
         spec.get("thicknesses"),
         settings,
-        Outputs(volume=spec["volume"], gaussians=spec.get("gaussians"), report=spec["report"]),
+        Outputs(
+            volume=spec["volume"],
+            gaussians=spec.get("gaussians"),
+            report=spec["report"],
+            masks_dir=spec.get("masks_dir"),
+        ),
         events=events,
     )
     record = {

@@ -111,18 +111,14 @@ def _segmentation_on_stack_grid(segmentation_node, stack_node) -> sitk.Image:
         scene.RemoveNode(labelmap)
 
 
-def export_stacks(stacks: Sequence[StackInput], folder: Path, with_box: bool = False) -> list[StackFiles]:
-    """Write the stacks (and masks) into ``folder``; the files the worker reads, in table order.
-    ``with_box``: a brain box (ROI) comes with them, so no mask is needed."""
+def export_stacks(stacks: Sequence[StackInput], folder: Path) -> list[StackFiles]:
+    """Write the stacks (and masks) into ``folder``; the files the worker reads, in table order. Stacks
+    may come without any mask: then a box (ROI) or the engine's brain search finds the brain."""
     if not stacks:
         raise InputProblem("add at least one stack to the table and tick its Include box")
     for stack in stacks:
         if stack.thickness <= 0:
             raise InputProblem(f"{stack.volume.GetName()}: the slice thickness must be positive")
-    if not with_box and all(stack.mask is None for stack in stacks):
-        raise InputProblem(
-            "give a brain mask for at least one stack (it is propagated to the others), or a brain box (ROI)"
-        )
     files = []
     for index, stack in enumerate(stacks):
         image = volume_to_image(stack.volume)

@@ -105,7 +105,7 @@ class ReconstructionSession:
         """Export the inputs and start the worker. Raises InputProblem for inputs the user must fix."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         roi = self.request.roi
-        stack_files = export_stacks(self.request.stacks, self.work_dir, with_box=roi is not None)
+        stack_files = export_stacks(self.request.stacks, self.work_dir)
         roi_file = export_roi(roi, self.work_dir) if roi is not None else None
         output_dir = self.request.output_folder or self.work_dir
         self.files = command.RunFiles.in_folders(

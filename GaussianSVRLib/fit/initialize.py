@@ -11,7 +11,7 @@ import torch
 
 from ..devices import cpu_threads
 from ..errors import InputError
-from ..io.slices import SliceSet, extract_slices
+from ..io.slices import SliceSet, coarsen_slices, extract_slices
 from ..io.stacks import Stack
 from ..model import forward
 from ..model.gaussians import GaussianField
@@ -19,6 +19,7 @@ from ..model.motion import SliceMotion
 from ..model.neighbours import knn
 from ..model.volume import check_grid_fits, grid_covering
 from ..settings import MAX_GAUSSIANS, MIN_GAUSSIANS, Settings, describe
+from .prediction import SliceTensors
 from .registration import prealign
 from .warmstart import warm_start
 
@@ -72,6 +73,15 @@ def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) ->
             f"{settings.k_neighbours} neighbours per pixel, but the brain holds only {n_gaussians} Gaussians",
         )
     return Problem(stacks, slices, reference, affine, shape, n_gaussians)
+
+
+def data_stages(problem: Problem, settings: Settings, device: torch.device) -> dict[str, SliceTensors]:
+    """The slice pixels of each stage on the device: "fine", and "coarse" (half resolution) if asked for."""
+    stages = {"fine": SliceTensors.from_slices(problem.slices, 1.0, device)}
+    if settings.coarse_to_fine:
+        coarse = coarsen_slices(problem.slices, problem.stacks, 2)
+        stages["coarse"] = SliceTensors.from_slices(coarse, 1.0, device)
+    return stages
 
 
 def automatic_gaussian_count(stack: Stack, per_ml: float) -> int:

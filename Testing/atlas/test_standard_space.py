@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
+from testkit import random_turn, rigid
 
 from GaussianSVRLib.atlas.bundled import estimate_week, load_atlas, nearest_week, weeks
 from GaussianSVRLib.atlas.orientations import angle_deg, rotation_grid
@@ -22,23 +23,6 @@ from GaussianSVRLib.sim.simulate import simulate_stacks
 
 #: What the issue asks of the recovered orientation.
 TOLERANCE_DEG = 5.0
-
-
-def random_turn(seed: int) -> np.ndarray:
-    """Any axis permutation (one of the 24 rotations of the cube) and up to 45 degrees on top (3, 3)."""
-    rng = np.random.default_rng(seed)
-    cube = Rotation.create_group("O").as_matrix()[rng.integers(24)]
-    axis = rng.normal(size=3)
-    extra = Rotation.from_rotvec(axis / np.linalg.norm(axis) * np.radians(rng.uniform(0, 45))).as_matrix()
-    return cube @ extra
-
-
-def rigid(rotation: np.ndarray, pivot: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """The map (4, 4) x -> rotation (x - pivot) + pivot + shift."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation
-    matrix[:3, 3] = pivot + shift - rotation @ pivot
-    return matrix
 
 
 def turned(image: sitk.Image, matrix: np.ndarray) -> sitk.Image:

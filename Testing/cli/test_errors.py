@@ -483,9 +483,15 @@ def zeros_inside_mask(root: Path, stacks: SimulationResult) -> Case:
     return Case(args, [str(bad)], "no non-zero voxel inside its mask", [root, root / "out"], json=True)
 
 
-def no_mask_at_all(root: Path, stacks: SimulationResult) -> Case:
-    args = stack_args(stacks, masks=False) + ["--stack-masks", "none", "none", "none"] + outputs(root / "out")
-    return Case(args, [stacks.stack_paths[0]], "no brain mask given", [root / "out"])
+def no_mask_and_little_seen_together(root: Path, stacks: SimulationResult) -> Case:
+    """No mask: the brain is searched where the stacks overlap, but stack 2 was moved 82 mm away (they
+    share a 2 mm sliver)."""
+    image = sitk.ReadImage(stacks.stack_paths[1])
+    image.SetOrigin(tuple(np.asarray(image.GetOrigin()) + [82.0, 0.0, 0.0]))
+    moved = write(sitk.GetArrayFromImage(image), image, root / "moved_stack.nii.gz")
+    args = ["--input-stacks", stacks.stack_paths[0], str(moved), "--stack-masks", "none", "none"]
+    watched = [root, root / "out"]
+    return Case(args + outputs(root / "out"), [stacks.stack_paths[0]], "too little to find", watched)
 
 
 def missing_mask(root: Path, stacks: SimulationResult) -> Case:
@@ -833,7 +839,7 @@ CASES: dict[str, Builder] = {
     "NIfTI with a zero dimension": zero_dimension,
     "mask with NaN voxels": mask_with_nan,
     "stack dark inside its mask": zeros_inside_mask,
-    "no mask for any stack": no_mask_at_all,
+    "no mask, stacks seeing little together": no_mask_and_little_seen_together,
     "missing mask file": missing_mask,
     "folder given as a mask": mask_is_folder,
     "absurd sidecar thickness": sidecar_thickness_absurd,

@@ -252,11 +252,9 @@ def test_input_problems_are_reported_before_any_run(scene, tmp_path):
         inputs.export_stacks([], tmp_path)
     with pytest.raises(inputs.InputProblem, match="thickness"):
         inputs.export_stacks([inputs.StackInput(stack, None, 0.0)], tmp_path)
-    with pytest.raises(inputs.InputProblem, match="brain mask"):
-        inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path)
     assert inputs.default_thickness(stack) == pytest.approx(3.0)
-    # With a brain box, no mask is needed.
-    files = inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path, with_box=True)
+    # No mask is needed: a box or the engine's brain search finds the brain.
+    files = inputs.export_stacks([inputs.StackInput(stack, None, 3.0)], tmp_path)
     assert files[0].mask is None and files[0].image.is_file()
 
 
