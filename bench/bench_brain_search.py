@@ -33,7 +33,7 @@ from GaussianSVRLib.qa.metrics import evaluate
 OUTPUT = ROOT / "bench" / "output" / "brain_search"
 SECTION = ROOT / "docs" / "benchmarks_brain_search.md"
 #: Simulated cases: those of bench_resolution.py, and one week never used while the search was tuned.
-SIMULATED = {**resolution.CASES, "surround-26": ("SB_GA26_notoperated", True)}
+SIMULATED = {**resolution.CASES, "surround-25": ("SB_GA25_notoperated", True)}
 
 
 def real_case() -> tuple[list[str], list[str]]:
@@ -132,7 +132,7 @@ def main() -> int:
         f"{time.perf_counter() - started:.0f} s. One reconstruction per case and way (preset `standard`, "
         "seed 0): with the given masks (the manual masks of the real stacks, the true masks of the "
         "simulations) and with none, the brain searched (`GaussianSVRLib/brain_search.py`). Simulated "
-        "cases as in the resolution benchmark (4 stacks, 0.8 mm, 3 mm slices, ±5°/±3 mm); `surround-26` "
+        "cases as in the resolution benchmark (4 stacks, 0.8 mm, 3 mm slices, ±5°/±3 mm); `surround-25` "
         "was never used while the search was tuned.",
         "",
         "- dice: of every stack's automatic mask against its given one, on the stack's grid.",

@@ -33,6 +33,7 @@ SCRIPTS = (
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
     ("resolution", "bench_resolution.py", []),
+    ("brain_search", "bench_brain_search.py", []),
     ("real", "bench_real.py", []),
     ("cohort", "bench_cohort.py", []),
 )
