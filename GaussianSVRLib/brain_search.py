@@ -13,7 +13,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .atlas.outline import OutlineNotFound, find_outline, placed_mask
@@ -49,15 +48,6 @@ def search_settings(settings: Settings) -> Settings:
     )
 
 
-def grown(brain: np.ndarray, spacing_mm: float, margin_mm: float) -> np.ndarray:
-    """A mask [k, j, i] on an isotropic grid grown by a ball of margin_mm."""
-    radius = int(round(margin_mm / spacing_mm))
-    if radius == 0:
-        return brain
-    image = sitk.BinaryDilate(sitk.GetImageFromArray(brain.astype(np.uint8)), [radius] * 3, sitk.sitkBall)
-    return sitk.GetArrayFromImage(image).astype(bool)
-
-
 def find_brain(
     stacks: list[Stack], settings: Settings, device: torch.device, hooks: Hooks
 ) -> tuple[list[Stack], dict]:
@@ -88,7 +78,7 @@ def find_brain(
             "give --stack-masks or a box (--roi)",
         ) from None
     placed = placed_mask(fit, problem.grid_affine, problem.grid_shape)
-    brain = grown(placed, SEARCH_RESOLUTION_MM, BRAIN_MARGIN_MM)
+    brain = dilate(placed, np.full(3, SEARCH_RESOLUTION_MM), BRAIN_MARGIN_MM)
     masks = masks_through_slices(
         problem.stacks, problem.slices, state.rotvec, state.translation, brain, problem.grid_affine
     )

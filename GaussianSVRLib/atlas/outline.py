@@ -28,7 +28,7 @@ from scipy import ndimage
 from ..geometry import image_affine
 from .bundled import Atlas, load_atlas
 from .orientations import angle_deg, rotation_grid
-from .registration import DISTINCT_DEG, GRID_ROTATIONS, SCORE_CHUNK, AtlasFit, polish, sampled, smoothed
+from .registration import GRID_ROTATIONS, SCORE_CHUNK, AtlasFit, distinct_best, polish, sampled, smoothed
 
 #: Atlases whose outlines are tried: young to old (the brain's proportions change with age).
 OUTLINE_WEEKS = (22, 26, 30, 34)
@@ -145,12 +145,7 @@ def candidates(
     for volume_ml in volumes_ml:
         size = (volume_ml / atlas.brain_ml) ** (1 / 3)
         scores = coarse.scores(replace(start, scale=size), grid, np.zeros((len(grid), 3)), np.ones(len(grid)))
-        chosen: list[int] = []
-        for index in np.argsort(-scores):
-            if all(angle_deg(grid[index], grid[c]) > DISTINCT_DEG for c in chosen):
-                chosen.append(int(index))
-            if len(chosen) == PER_SIZE:
-                break
+        chosen = distinct_best(scores, grid, PER_SIZE)
         fits += [replace(start, rotation=grid[i], scale=size, correlation=float(scores[i])) for i in chosen]
     return fits
 
