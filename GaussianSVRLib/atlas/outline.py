@@ -11,8 +11,11 @@ view (elsewhere the step counts 0: the view's own border is no outline).
 Search: every rotation of the grid at three sizes around each of OUTLINE_WEEKS' atlases (the shape
 changes with age) is scored at two scales (COARSE sees the head's shape, MEDIUM a thin skull between
 the brain and bright fluid); the best distinct few per size are polished at that scale, the best of
-each scale finely. The strongest outline is often the white matter's edge against the dark cortical plate,
-one cortex inside the true one; so the choice moves out to a larger placement that still steps
+each scale finely. The brain need not sit in the middle of what the stacks saw, and a thin outline
+is caught only from a few millimetres away: MEDIUM starts from centres around the view's centre too.
+
+The strongest outline is often the white matter's edge against the dark cortical plate, one cortex
+inside the true one; so the choice moves out to a larger placement that still steps
 clearly, at most OUTER_VOLUME times larger (the skull is millimetres further out, the uterus far).
 """
 
@@ -45,16 +48,18 @@ FINE_CANDIDATES = 8
 @dataclass(frozen=True)
 class Scale:
     """One scale of the outline score: smoothing (mm, sigma), the step across the surface (mm, each
-    side), every how many surface points are used, and the pattern-search steps."""
+    side), every how many surface points are used, the pattern-search steps, and how far (mm) along
+    each axis from the view's centre the grid search starts too (0: from the centre only)."""
 
     smoothing_mm: float
     step_mm: float
     every: int
     steps: tuple[float, ...]
+    offset_mm: float = 0.0
 
 
 COARSE = Scale(2.5, 3.0, 4, (8.0, 4.0, 2.0))
-MEDIUM = Scale(1.0, 2.0, 4, (8.0, 4.0, 2.0))
+MEDIUM = Scale(1.0, 2.0, 8, (8.0, 4.0, 2.0), offset_mm=5.0)
 FINE = Scale(1.0, 2.0, 1, (2.0, 1.0))
 #: A larger placement is preferred to the best one when it steps at least this share as clearly,
 #: is larger by a volume factor in OUTER_VOLUME and turned at most OUTER_ANGLE_DEG from it.
@@ -134,19 +139,37 @@ def view_centre(view: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return affine[:3, :3] @ np.array([i.mean(), j.mean(), k.mean()]) + affine[:3, 3]
 
 
+def start_centres(centre: np.ndarray, offset_mm: float) -> np.ndarray:
+    """The centre (3,) and, unless the offset is 0, the six points offset_mm from it along the axes
+    (C, 3)."""
+    if offset_mm == 0:
+        return centre[None]
+    return centre + offset_mm * np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)])
+
+
 def candidates(
-    coarse: OutlineContrast, atlas: Atlas, centre: np.ndarray, volumes_ml: np.ndarray
+    scorer: OutlineContrast, atlas: Atlas, centres: np.ndarray, volumes_ml: np.ndarray
 ) -> list[AtlasFit]:
     """PER_SIZE distinct orientations of the grid for the atlas brain at each of these brain volumes,
-    centred at ``centre``, best first within each size, with their scores."""
+    each at the best of the centres (C, 3), best first within each size, with their scores."""
     grid = rotation_grid(GRID_ROTATIONS)
-    start = AtlasFit(atlas.week, np.eye(3), atlas.brain_centre(), centre, 1.0, 0.0)
+    rotations = np.tile(grid, (len(centres), 1, 1))
+    shifts = np.repeat(centres - centres[0], len(grid), axis=0)
+    start = AtlasFit(atlas.week, np.eye(3), atlas.brain_centre(), centres[0], 1.0, 0.0)
     fits = []
     for volume_ml in volumes_ml:
         size = (volume_ml / atlas.brain_ml) ** (1 / 3)
-        scores = coarse.scores(replace(start, scale=size), grid, np.zeros((len(grid), 3)), np.ones(len(grid)))
-        chosen = distinct_best(scores, grid, PER_SIZE)
-        fits += [replace(start, rotation=grid[i], scale=size, correlation=float(scores[i])) for i in chosen]
+        scores = scorer.scores(replace(start, scale=size), rotations, shifts, np.ones(len(rotations)))
+        fits += [
+            replace(
+                start,
+                rotation=rotations[i],
+                volume_centre=centres[0] + shifts[i],
+                scale=size,
+                correlation=float(scores[i]),
+            )
+            for i in distinct_best(scores, rotations, PER_SIZE)
+        ]
     return fits
 
 
@@ -179,10 +202,11 @@ def find_outline(volume: sitk.Image, view: np.ndarray) -> AtlasFit:
     starts = []
     for scale in (COARSE, MEDIUM):
         scorers = {week: OutlineContrast(volume, view, week, scale) for week in OUTLINE_WEEKS}
+        centres = start_centres(centre, scale.offset_mm)
         fits = []
         for week, scorer in scorers.items():
             atlas = load_atlas(week)
-            fits += candidates(scorer, atlas, centre, atlas.brain_ml * np.array(SIZE_FACTORS))
+            fits += candidates(scorer, atlas, centres, atlas.brain_ml * np.array(SIZE_FACTORS))
         best = sorted(fits, key=lambda fit: -fit.correlation)[:POLISHED]
         polished = [polish(scorers[fit.week], fit, scale.steps) for fit in best]
         starts += sorted(polished, key=lambda fit: -fit.correlation)[:FINE_CANDIDATES]
