@@ -66,7 +66,8 @@ def find_brain(
     seen = [normalized_intensities(replace(s, mask=view)) for s, view in zip(stacks, views, strict=True)]
     problem = prepare(seen, quick, None)
     field_, motion = initial_models(problem, quick, device)
-    optimize(field_, motion, data_stages(problem, quick, device), problem.slices.slice_stack, quick, hooks)
+    stages = data_stages(problem, quick, device)
+    optimize(field_, motion, stages, problem.slices.slice_stack, quick, hooks, problem.time_pairs)
     state = snapshot(problem, field_, motion)
     volume = volume_image(state, problem.grid_affine, problem.grid_shape, quick, device)
     try:

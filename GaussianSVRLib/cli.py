@@ -24,7 +24,7 @@ from typing import Any, NoReturn, get_args
 
 from .errors import InputError
 from .io.progress import Emitter
-from .settings import PRESETS, PresetName, Settings, choices, options, preset, setting_type
+from .settings import PRESETS, MotionModel, PresetName, Settings, choices, options, preset, setting_type
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -184,6 +184,15 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="put a synthetic skull, fluid and uterus around a skull-stripped brain (outside its mask)",
     )
+    p.add_argument(
+        "--motion",
+        choices=get_args(MotionModel),
+        default="independent",
+        help="slice motion: independent per slice, or a trajectory in acquisition time (smooth, with jumps)",
+    )
+    p.add_argument("--jumps", type=int, default=0, help="sudden jumps per stack of a --motion trajectory")
+    p.add_argument("--slice-order", choices=choices("slice_order"), default="interleaved")
+    p.add_argument("--interleave", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_simulate)
 
@@ -474,6 +483,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         stack_intensity_scale=args.stack_intensity_scale,
         bias_field=args.bias_field,
         seed=args.seed,
+        motion=args.motion,
+        jumps=args.jumps,
+        slice_order=args.slice_order,
+        interleave=args.interleave,
     )
     for path in result.stack_paths:
         print(f"stack: {path}")

@@ -238,7 +238,13 @@ def reconstruct(
             with run.stage("optimize"):
                 stages = data_stages(problem, settings, device)
                 fit.quality = optimize(
-                    fit.field, fit.motion, stages, problem.slices.slice_stack, settings, fit.hooks(run)
+                    fit.field,
+                    fit.motion,
+                    stages,
+                    problem.slices.slice_stack,
+                    settings,
+                    fit.hooks(run),
+                    problem.time_pairs,
                 )
             with run.stage("render"):
                 fit.previews.at_end(settings.iterations)

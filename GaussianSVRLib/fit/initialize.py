@@ -11,6 +11,7 @@ import torch
 
 from ..devices import cpu_threads
 from ..errors import InputError
+from ..io.acquisition import acquisition_ranks, time_pairs
 from ..io.slices import SliceSet, coarsen_slices, extract_slices
 from ..io.stacks import Stack
 from ..model import forward
@@ -31,7 +32,8 @@ class Problem:
     """Everything the optimizer needs, prepared from the stacks (masks ready, intensities normalized).
 
     grid_affine (4, 4) voxel -> LPS and grid_shape (nk, nj, ni): the output grid, in the reference
-    stack's orientation, covering every masked pixel.
+    stack's orientation, covering every masked pixel. time_pairs (Q, 2): slice ids acquired one after
+    the other in the same stack.
     """
 
     stacks: list[Stack]
@@ -40,6 +42,7 @@ class Problem:
     grid_affine: np.ndarray
     grid_shape: tuple[int, int, int]
     n_gaussians: int
+    time_pairs: np.ndarray
 
     @property
     def output_unit(self) -> float:
@@ -72,7 +75,9 @@ def prepare(stacks: list[Stack], settings: Settings, volume_path: str | None) ->
             describe("k_neighbours"),
             f"{settings.k_neighbours} neighbours per pixel, but the brain holds only {n_gaussians} Gaussians",
         )
-    return Problem(stacks, slices, reference, affine, shape, n_gaussians)
+    ranks = [acquisition_ranks(stack, settings.slice_order, settings.interleave) for stack in stacks]
+    pairs = time_pairs(slices.slice_stack, slices.slice_k, ranks)
+    return Problem(stacks, slices, reference, affine, shape, n_gaussians, pairs)
 
 
 def data_stages(problem: Problem, settings: Settings, device: torch.device) -> dict[str, SliceTensors]:

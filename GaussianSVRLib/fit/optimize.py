@@ -16,7 +16,7 @@ from ..model.gaussians import GaussianField
 from ..model.motion import SliceMotion
 from ..settings import Settings
 from ..timing import PROFILE
-from .losses import scale_penalty, weighted_l1
+from .losses import scale_penalty, trajectory_penalty, weighted_l1
 from .pose_search import search_poses, slices_to_search
 from .prediction import SliceTensors, neighbour_lists, predict
 from .quality import MIN_JUDGED_PIXELS, SliceQuality, robust_weights
@@ -193,10 +193,12 @@ def optimize(
     slice_stack: np.ndarray,
     settings: Settings,
     hooks: Hooks | None = None,
+    time_pairs: np.ndarray | None = None,
 ) -> SliceQuality:
     """Fit the Gaussians, slice motion and slice scales to the slices; returns the slice quality.
 
-    stages maps "fine" (and optionally "coarse") to the slice pixels of that stage.
+    stages maps "fine" (and optionally "coarse") to the slice pixels of that stage; time_pairs (Q, 2)
+    are the slices acquired one after the other, whose motions the trajectory prior ties together.
     """
     hooks = hooks or Hooks()
     PROFILE.reset(torch.cuda.synchronize if motion.rotvec.device.type == "cuda" else None)
@@ -209,6 +211,9 @@ def optimize(
     quality = robust_weights(np.full(m, np.nan), np.ones(m), slice_stack, settings.outlier_z)
     searches = [int(at * total) for at in POSE_SEARCH_AT] if settings.pose_search else []
     pose_moves = np.zeros(m, dtype=np.int64)
+    smooth = time_pairs is not None and len(time_pairs) > 0 and settings.motion_smoothness > 0
+    if smooth:
+        pairs = torch.as_tensor(time_pairs, dtype=torch.long, device=motion.rotvec.device)
     step = 0
     started = time.monotonic()
     for stage, steps in plan:
@@ -281,6 +286,10 @@ def optimize(
                 loss.backward()
             with PROFILE.section("adam"):
                 unweight_motion_gradients(motion, loss_weight)
+                if smooth and motion_on:
+                    # After the unweighting: the prior ties slices whatever their weight.
+                    prior = trajectory_penalty(motion.rotvec, motion.translation, motion.centres, pairs)
+                    (settings.motion_smoothness * prior).backward()
                 optimizer.step()
             with PROFILE.section("bookkeeping"), torch.no_grad():
                 abs_error.index_add_(0, slice_id, (prediction - target).abs().double())

@@ -12,6 +12,10 @@ Geometry and motion follow ``geometry.py``: the pixel at nominal world position 
 sees the volume at x = R (p - c) + c + t, c the slice centre. ``transforms.json`` records, per slice,
 the full (rotation, translation) in that convention, per-stack misalignment already composed in.
 
+Slices are acquired in time order (interleaved by default, as the scanner does); each stack gets a
+BIDS sidecar (``stack_NN.json``) with its SliceTiming. Motion is either independent per slice or a
+trajectory in acquisition time: smooth, with sudden jumps (the fetus kicks).
+
 Optional corruptions, for testing outlier detection and intensity correction: signal drop-out,
 slices replaced by neighbouring anatomy, slices blurred by motion during their acquisition (each
 slice carries at most one, flagged in transforms.json), a smooth multiplicative bias field per
@@ -27,7 +31,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,8 +47,11 @@ from ..geometry import (
     rotvec_to_matrix_np,
     set_image_geometry,
 )
+from ..io.acquisition import default_order
 from ..io.outputs import write_atomically, write_image
 from ..io.slices import FWHM_TO_SIGMA, IN_PLANE_FWHM_FACTOR
+from ..io.stacks import sidecar_path
+from ..settings import MotionModel, SliceOrder
 
 #: Stack orientations (columns = i, j, k axes in LPS world), cycled: axial, coronal, sagittal, axial.
 #: All are proper rotations; the fourth (axial again) is offset by half a slice spacing.
@@ -63,6 +70,12 @@ REPLACED_SHIFT_RANGE_MM = (8.0, 20.0)
 BLUR_POSITIONS_RANGE = (5, 9)
 BLUR_ROTATION_RANGE_DEG = (5.0, 10.0)
 BLUR_TRANSLATION_RANGE_MM = (2.0, 4.0)
+#: Seconds between two slices of a stack (single-shot fast spin echo: about one slice per second).
+SLICE_SECONDS = 0.8
+#: A trajectory's smooth part varies over this many slices of acquisition time (Gaussian sigma); a
+#: jump moves the head by 0.5-1 times the motion's amplitude along a random direction.
+TRAJECTORY_SMOOTHING_SLICES = 5.0
+JUMP_SIZE_RANGE = (0.5, 1.0)
 #: Lower bound of the bias field: it is only reached outside the mask's box at large amplitudes.
 BIAS_FLOOR = 0.1
 #: Half-width of the PSF support and of the sub-sample grid, in standard deviations.
@@ -87,8 +100,8 @@ class StackGeometry:
     centre: np.ndarray  # (3,) nominal centre of the field of view
 
 
-def _random_unit(rng: np.random.Generator) -> np.ndarray:
-    v = rng.normal(size=3)
+def _random_unit(rng: np.random.Generator, dimensions: int = 3) -> np.ndarray:
+    v = rng.normal(size=dimensions)
     return v / np.linalg.norm(v)
 
 
@@ -264,6 +277,30 @@ def _slice_motion(
     return rot, trans
 
 
+def trajectory(rng: np.random.Generator, n: int, jumps: int) -> np.ndarray:
+    """A motion path (n, 6) over n instants of acquisition time, every component spanning at most
+    [-1, 1]: smooth random drift (TRAJECTORY_SMOOTHING_SLICES) plus ``jumps`` sudden steps."""
+    path = ndimage.gaussian_filter1d(rng.standard_normal((n, 6)), TRAJECTORY_SMOOTHING_SLICES, axis=0)
+    path /= np.abs(path).max(axis=0) + 1e-12
+    for at in rng.choice(np.arange(1, n), size=min(jumps, n - 1), replace=False):
+        path[at:] += rng.uniform(*JUMP_SIZE_RANGE) * _random_unit(rng, 6)
+    path -= 0.5 * (path.max(axis=0) + path.min(axis=0))
+    return path / (np.abs(path).max(axis=0) + 1e-12)
+
+
+def _trajectory_motion(
+    rng: np.random.Generator,
+    ranks: np.ndarray,
+    max_rotation_deg: float,
+    max_translation_mm: float,
+    jumps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice rotation vectors (nk, 3) and translations (nk, 3) read off a trajectory at each
+    slice's acquisition rank (nk,)."""
+    path = trajectory(rng, len(ranks), jumps)[ranks]
+    return path[:, :3] * np.deg2rad(max_rotation_deg), path[:, 3:] * max_translation_mm
+
+
 def _compose_misalignment(
     centres: np.ndarray,
     rot: np.ndarray,
@@ -306,6 +343,13 @@ def _check_settings(settings: dict[str, Any]) -> None:
     for name in ("noise", "max_translation_mm", "stack_misalignment_mm", "margin_mm"):
         if not settings[name] >= 0:
             raise InputError(None, f"{name} must be non-negative, got {settings[name]}")
+    for name, kind in (("motion", MotionModel), ("slice_order", SliceOrder)):
+        if settings[name] not in get_args(kind):
+            raise InputError(
+                None, f"{name} must be one of {', '.join(get_args(kind))}, got {settings[name]!r}"
+            )
+    if not (settings["jumps"] >= 0 and settings["interleave"] >= 1):
+        raise InputError(None, "jumps must be non-negative and interleave at least 1")
     for name in ("dropout", "replaced", "blurred"):
         if not 0.0 <= settings[name] <= 1.0:
             raise InputError(None, f"{name} must be in [0, 1], got {settings[name]}")
@@ -338,6 +382,7 @@ class _StackPlan:
     translations: np.ndarray  # (nk, 3)
     factors: np.ndarray  # (nk,) signal drop-out multipliers, 1 for kept slices
     misalignment: dict[str, list[float]]
+    ranks: np.ndarray  # (nk,) acquisition rank of every slice
 
 
 def _plan_stack(
@@ -356,7 +401,13 @@ def _plan_stack(
     ni, nj, nk = geometry.size
     index_centres = np.stack([np.full(nk, (ni - 1) / 2.0), np.full(nk, (nj - 1) / 2.0), np.arange(nk)], -1)
     centres = apply_affine(geometry.affine, index_centres)
-    rot, trans = _slice_motion(rng, nk, settings["max_rotation_deg"], settings["max_translation_mm"])
+    ranks = default_order(nk, settings["slice_order"], settings["interleave"])
+    if settings["motion"] == "trajectory":
+        rot, trans = _trajectory_motion(
+            rng, ranks, settings["max_rotation_deg"], settings["max_translation_mm"], settings["jumps"]
+        )
+    else:
+        rot, trans = _slice_motion(rng, nk, settings["max_rotation_deg"], settings["max_translation_mm"])
     mis_rot = _random_unit(rng) * np.deg2rad(settings["stack_misalignment_deg"]) + 0.0  # no -0.0 in JSON
     mis_trans = _random_unit(rng) * settings["stack_misalignment_mm"] + 0.0
     rotations, translations = _compose_misalignment(centres, rot, trans, mis_rot, mis_trans, geometry.centre)
@@ -368,7 +419,7 @@ def _plan_stack(
         "translation": mis_trans.tolist(),
         "centre": geometry.centre.tolist(),
     }
-    return _StackPlan(geometry, centres, rotations, translations, factors, misalignment)
+    return _StackPlan(geometry, centres, rotations, translations, factors, misalignment, ranks)
 
 
 def _unit_axes(geometry: StackGeometry) -> np.ndarray:
@@ -518,6 +569,7 @@ def _stack_record(
         "slices": [
             {
                 "k": k,
+                "acquisition_rank": int(plan.ranks[k]),
                 "centre": plan.centres[k].tolist(),
                 "rotation": rotvecs[k].tolist(),
                 "translation": plan.translations[k].tolist(),
@@ -556,6 +608,10 @@ def simulate_stacks(
     psf_oversampling: float = 1.0,
     in_plane_factor: float = IN_PLANE_FWHM_FACTOR,
     margin_mm: float = 8.0,
+    motion: MotionModel = "independent",
+    jumps: int = 0,
+    slice_order: SliceOrder = "interleaved",
+    interleave: int = 2,
 ) -> SimulationResult:
     """Simulate ``n_stacks`` thick-slice stacks (and their masks) of ``volume`` into ``out_dir``.
 
@@ -569,6 +625,10 @@ def simulate_stacks(
     uniform in +/-max_translation_mm per axis. Per stack, optionally, a misalignment about the
     stack's centre: rotation of exactly ``stack_misalignment_deg`` about a random axis and
     translation of ``stack_misalignment_mm`` in a random direction, applied after the slice motion.
+    ``motion="trajectory"`` instead: per stack a path in acquisition time (``trajectory``), smooth
+    with ``jumps`` sudden steps, each of its six components spanning exactly +/-max_rotation_deg
+    (rotation vector components) or +/-max_translation_mm; slices read it at their acquisition rank
+    (``slice_order``, ``interleave``), which each stack's sidecar records as SliceTiming.
     The rule that keeps rotation vectors unambiguous: sqrt(3) max_rotation_deg +
     stack_misalignment_deg must be below 180 degrees (InputError otherwise).
 
@@ -612,6 +672,10 @@ def simulate_stacks(
         "psf_oversampling": psf_oversampling,
         "in_plane_factor": in_plane_factor,
         "margin_mm": margin_mm,
+        "motion": motion,
+        "jumps": jumps,
+        "slice_order": slice_order,
+        "interleave": interleave,
     }
     _check_settings(settings)
     out_dir = Path(out_dir)
@@ -656,6 +720,8 @@ def simulate_stacks(
         stack_name, mask_name = f"stack_{s:02d}.nii.gz", f"mask_{s:02d}.nii.gz"
         write_image(_image(signal.astype(np.float32), g.affine), out_dir / stack_name)
         write_image(_image(stack_mask, g.affine), out_dir / mask_name)
+        timing = {"SliceTiming": [round(float(r) * SLICE_SECONDS, 3) for r in plan.ranks]}
+        _write_atomic_json(timing, sidecar_path(out_dir / stack_name))
         result.stack_paths.append(str(out_dir / stack_name))
         result.mask_paths.append(str(out_dir / mask_name))
         records.append(_stack_record(plan, outliers, stack_name, mask_name, settings, intensity_scale, bias))

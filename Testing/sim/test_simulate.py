@@ -226,7 +226,15 @@ def test_simulation_is_deterministic_for_a_seed(smooth, tmp_path):
     record = json.loads(Path(first.transforms_path).read_text())
     assert record == json.loads(Path(again.transforms_path).read_text())  # paths are relative to the JSON
     assert sorted(p.name for p in Path(again.transforms_path).parent.iterdir()) == sorted(
-        ["stack_00.nii.gz", "stack_01.nii.gz", "mask_00.nii.gz", "mask_01.nii.gz", "transforms.json"]
+        [
+            "stack_00.nii.gz",
+            "stack_01.nii.gz",
+            "stack_00.json",
+            "stack_01.json",
+            "mask_00.nii.gz",
+            "mask_01.nii.gz",
+            "transforms.json",
+        ]
     )  # no temporary file left behind
     other = simulate_stacks(volume, mask, tmp_path / "other", **{**kwargs, "seed": 6, "n_stacks": 1})
     assert json.loads(Path(other.transforms_path).read_text())["stacks"][0] != record["stacks"][0]
@@ -561,3 +569,29 @@ def test_command_line_passes_the_outlier_options(tmp_path, smooth):
     assert record["stacks"][1]["intensity_scale"] == 1.8
     assert all(stack["bias_field"]["amplitude"] == 0.25 for stack in record["stacks"])
     assert any(sl["replaced"] for stack in record["stacks"] for sl in stack["slices"])
+
+
+def test_a_trajectory_is_smooth_in_acquisition_time_with_its_jumps_and_the_sidecar_gives_the_order(
+    smooth, tmp_path
+):
+    """Slices acquired one after the other move alike except at a jump; neighbours in space (odd and
+    even slices, acquired half a stack apart) do not; the sidecar's SliceTiming gives that order."""
+    volume, mask = smooth
+    result = simulate_stacks(
+        volume, mask, tmp_path, n_stacks=1, in_plane=2.0, thickness=2.0, max_rotation_deg=10.0,
+        max_translation_mm=5.0, motion="trajectory", jumps=1, seed=2,
+    )  # fmt: skip
+    slices = json.loads(Path(result.transforms_path).read_text())["stacks"][0]["slices"]
+    timing = json.loads(Path(result.stack_paths[0].replace(".nii.gz", ".json")).read_text())["SliceTiming"]
+    ranks = np.array([s["acquisition_rank"] for s in slices])
+    np.testing.assert_array_equal(np.argsort(timing, kind="stable"), np.argsort(ranks, kind="stable"))
+    assert ranks[1] > ranks[2]  # interleaved: slice 3 (1-based) before slice 2
+    in_time = np.argsort(ranks)
+    rotations = Rotation.from_rotvec([slices[k]["rotation"] for k in in_time])
+    steps = np.degrees((rotations[1:] * rotations[:-1].inv()).magnitude())
+    spatial = Rotation.from_rotvec([s["rotation"] for s in slices])
+    spatial_steps = np.degrees((spatial[1:] * spatial[:-1].inv()).magnitude())
+    assert np.median(steps) < 0.4 * np.median(spatial_steps)
+    assert steps.max() > 4 * np.median(steps)  # the jump
+    components = np.degrees([s["rotation"] for s in slices])
+    assert np.abs(components).max() == pytest.approx(10.0, rel=1e-6)
