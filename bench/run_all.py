@@ -34,6 +34,7 @@ SCRIPTS = (
     ("robustness", "bench_robustness.py", []),
     ("resolution", "bench_resolution.py", []),
     ("brain_search", "bench_brain_search.py", []),
+    ("motion_prior", "bench_motion_prior.py", ["--repeats", "3"]),
     ("real", "bench_real.py", []),
     ("cohort", "bench_cohort.py", []),
 )

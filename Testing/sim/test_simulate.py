@@ -558,6 +558,7 @@ def test_command_line_passes_the_outlier_options(tmp_path, smooth):
             "--output-dir", str(out), "--n-stacks", "2", "--in-plane", "2", "--replaced", "0.2",
             "--blurred", "0.2", "--stack-intensity-scale", "1.8", "--bias-field", "0.25",
             "--stack-misalignment-deg", "4", "--stack-misalignment-mm", "2", "--seed", "3",
+            "--motion", "trajectory", "--jumps", "2", "--slice-order", "descending",
         ]
     )  # fmt: skip
     assert code == 0
@@ -566,6 +567,8 @@ def test_command_line_passes_the_outlier_options(tmp_path, smooth):
     assert (settings["replaced"], settings["blurred"]) == (0.2, 0.2)
     assert (settings["stack_intensity_scale"], settings["bias_field"], settings["seed"]) == (1.8, 0.25, 3)
     assert (settings["stack_misalignment_deg"], settings["stack_misalignment_mm"]) == (4.0, 2.0)
+    assert (settings["motion"], settings["jumps"], settings["slice_order"]) == ("trajectory", 2, "descending")
+    assert [sl["acquisition_rank"] for sl in record["stacks"][0]["slices"]][-1] == 0
     assert record["stacks"][1]["intensity_scale"] == 1.8
     assert all(stack["bias_field"]["amplitude"] == 0.25 for stack in record["stacks"])
     assert any(sl["replaced"] for stack in record["stacks"] for sl in stack["slices"])
