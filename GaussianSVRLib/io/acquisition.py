@@ -30,7 +30,7 @@ def sidecar_slice_timing(path: str | Path, n_slices: int) -> np.ndarray | None:
         value = json.loads(sidecar.read_text(encoding="utf-8")).get("SliceTiming")
     except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError):
         return None
-    if value is None:
+    if value is None or value == []:  # dcm2niix writes an empty list when the scanner gave no times
         return None
     numbers = isinstance(value, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value

@@ -51,11 +51,16 @@ def test_a_sidecar_timing_that_fits_no_stack_is_ignored_with_a_warning(
     assert "SliceTiming" in caplog.text and "sub-01_T2w.json" in caplog.text
 
 
-def test_without_a_sidecar_the_default_applies(tmp_path: Path):
-    stack = read_stack(stack_file(tmp_path, None))
-    np.testing.assert_array_equal(
-        acquisition_ranks(stack, "interleaved", 2), default_order(6, "interleaved", 2)
-    )
+@pytest.mark.parametrize("sidecar", [None, {"SliceTiming": []}, {"EchoTime": 0.09}])
+def test_without_slice_times_the_default_applies_quietly(
+    tmp_path: Path, sidecar, caplog: pytest.LogCaptureFixture
+):
+    """No sidecar, or one without times (the bundled real stacks' sidecars hold an empty list)."""
+    stack = read_stack(stack_file(tmp_path, sidecar))
+    with caplog.at_level(logging.WARNING):
+        ranks = acquisition_ranks(stack, "interleaved", 2)
+    np.testing.assert_array_equal(ranks, default_order(6, "interleaved", 2))
+    assert "SliceTiming" not in caplog.text
 
 
 def test_pairs_follow_the_acquisition_within_each_stack_and_skip_empty_slices():
