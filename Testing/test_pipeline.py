@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.io.roi import box_from_corners
 from GaussianSVRLib.io.stacks import read_stack, world_box
@@ -190,8 +191,6 @@ def test_a_stack_in_other_units_gives_the_same_volume(phantom_stacks, tmp_path):
 def step_in_time_deg(slices: list[dict], sidecars: list[Path]) -> float:
     """The median rotation (degrees) between the fitted motions of slices acquired one after the other
     (the order from each stack's SliceTiming sidecar)."""
-    from scipy.spatial.transform import Rotation
-
     steps = []
     for s, sidecar in enumerate(sidecars):
         timing = np.asarray(json.loads(sidecar.read_text())["SliceTiming"])

@@ -212,8 +212,7 @@ def optimize(
     searches = [int(at * total) for at in POSE_SEARCH_AT] if settings.pose_search else []
     pose_moves = np.zeros(m, dtype=np.int64)
     smooth = time_pairs is not None and len(time_pairs) > 0 and settings.motion_smoothness > 0
-    if smooth:
-        pairs = torch.as_tensor(time_pairs, dtype=torch.long, device=motion.rotvec.device)
+    pairs = torch.as_tensor(time_pairs, dtype=torch.long, device=motion.rotvec.device) if smooth else None
     step = 0
     started = time.monotonic()
     for stage, steps in plan:

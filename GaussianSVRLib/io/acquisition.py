@@ -8,14 +8,13 @@ image's third axis) when it has one, else from the stated default (settings.slic
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..settings import SliceOrder
-from .stacks import Stack, sidecar_path
+from .stacks import Stack, is_number, sidecar_path, sidecar_value
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +22,15 @@ log = logging.getLogger(__name__)
 def sidecar_slice_timing(path: str | Path, n_slices: int) -> np.ndarray | None:
     """SliceTiming (n_slices,) seconds from the image's BIDS sidecar, if it has a usable one; a value
     that is no list of n_slices finite numbers is ignored with a warning."""
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return None
-    try:
-        value = json.loads(sidecar.read_text(encoding="utf-8")).get("SliceTiming")
-    except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError):
-        return None
+    value = sidecar_value(path, "SliceTiming")
     if value is None or value == []:  # dcm2niix writes an empty list when the scanner gave no times
         return None
-    numbers = isinstance(value, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    )
+    numbers = isinstance(value, list) and all(is_number(v) for v in value)
     if not numbers or len(value) != n_slices or not np.all(np.isfinite(value)):
         log.warning(
             "%s: SliceTiming is not a list of %d numbers (one per slice), ignored: the slice order "
             "default applies",
-            sidecar,
+            sidecar_path(path),
             n_slices,
         )
         return None

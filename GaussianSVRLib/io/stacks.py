@@ -71,21 +71,32 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(stem + ".json")
 
 
-def sidecar_thickness(path: str | Path) -> float | None:
-    """SliceThickness from a BIDS JSON sidecar beside the image, if there is one; a sidecar without a
-    usable value is ignored with a warning."""
+def sidecar_value(path: str | Path, key: str) -> object | None:
+    """The value of ``key`` in the BIDS JSON sidecar beside the image, None without sidecar or key;
+    an unreadable sidecar is ignored with a warning."""
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         return None
     try:
-        value = json.loads(sidecar.read_text(encoding="utf-8")).get("SliceThickness")
+        return json.loads(sidecar.read_text(encoding="utf-8")).get(key)
     except (json.JSONDecodeError, OSError, AttributeError, UnicodeDecodeError):
         log.warning("%s: unreadable JSON sidecar, ignored", sidecar)
         return None
+
+
+def is_number(value: object) -> bool:
+    """An int or a float from JSON (a boolean is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sidecar_thickness(path: str | Path) -> float | None:
+    """SliceThickness from a BIDS JSON sidecar beside the image, if there is one; a sidecar without a
+    usable value is ignored with a warning."""
+    value = sidecar_value(path, "SliceThickness")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        log.warning("%s: SliceThickness %r is not a positive number, ignored", sidecar, value)
+    if not is_number(value) or not value > 0:
+        log.warning("%s: SliceThickness %r is not a positive number, ignored", sidecar_path(path), value)
         return None
     return float(value)
 
