@@ -22,15 +22,17 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from .errors import InputError
+from .errors import (
+    EXIT_CANCELLED,
+    EXIT_CRASH,
+    EXIT_INPUT_ERROR,
+    EXIT_NOT_ALIGNED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    InputError,
+)
 from .io.progress import Emitter
 from .settings import PRESETS, MotionModel, PresetName, Settings, choices, options, preset, setting_type
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_INPUT_ERROR = 2
-EXIT_SOME_FAILED = 4
-EXIT_CANCELLED = 130
 
 log = logging.getLogger("gaussiansvr")
 
@@ -432,8 +434,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if emitter is not None:
+        verdict = result.report.get("verdict", {})
         emitter(
-            "done", cancelled=result.cancelled, elapsed_s=result.report["timings"]["total_s"], **result.paths
+            "done",
+            cancelled=result.cancelled,
+            elapsed_s=result.report["timings"]["total_s"],
+            aligned=verdict.get("status", "ok") == "ok",
+            verdict=verdict.get("text"),
+            **result.paths,
         )
     if result.cancelled:
         print("cancelled: no output written; the last preview is kept", file=sys.stderr)
@@ -452,6 +460,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             print("\n".join(lines), flush=True)
         except BrokenPipeError:  # e.g. piped into head: the outputs are written, the summary is not needed
             silence_stdout()
+    if result.report["verdict"]["status"] == "not_aligned":
+        print(f"gaussiansvr: {result.report['verdict']['text']} (the outputs are written)", file=sys.stderr)
+        return EXIT_NOT_ALIGNED
     return EXIT_OK
 
 

@@ -262,6 +262,8 @@ def reconstruct(
                         "against the scanner frame"
                     )
             report = report_of(fit, state, settings, device, run, cancelled=False)
+            if report["verdict"]["status"] == "not_aligned":
+                log.warning("%s", report["verdict"]["text"])
             if space is not None:
                 report["standard_space"] = space.as_dict()
             if roi is not None:

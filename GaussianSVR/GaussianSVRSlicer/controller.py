@@ -163,6 +163,11 @@ class Controller:
         elif outcome is not RunOutcome.DONE:
             self.view.show_report("No report: the reconstruction did not finish.")
         work_dir = run.clean_up()
+        if outcome is RunOutcome.NOT_ALIGNED:
+            self.view.show_error(
+                f"The volume is loaded, but {run.state.done.get('verdict') or 'the stacks disagree'}.",
+                run.state.failure_details(),
+            )
         if outcome in (RunOutcome.FAILED, RunOutcome.BAD_INPUT):
             self.view.show_error(
                 f"The reconstruction failed; the scene is as it was before. Its files are in {work_dir}.",

@@ -45,7 +45,11 @@ def summary_html(
     stacks = report.get("stacks", [])
     excluded = excluded_slices(report)
     n_slices = sum(int(s.get("n_slices", 0)) for s in stacks)
+    verdict = report.get("verdict", {})
     parts = [
+        f"<p><b><font color='#d03030'>{html.escape(verdict['text'].capitalize())}.</font></b></p>"
+        if verdict.get("status") == "not_aligned"
+        else "",
         f"<p><b>{len(excluded)} of {n_slices} slices excluded</b> "
         f"(device {html.escape(str(report.get('device', '?')))}, "
         f"{format_duration(total_seconds(report))}).</p>",

@@ -17,6 +17,8 @@ from .runner import EventKind, WorkerEvent
 
 #: Exit code of the engine for bad input (one-line message on stderr and an "error" message).
 EXIT_BAD_INPUT = 2
+#: Exit code of the engine when it wrote its outputs but could not bring the stacks together.
+EXIT_NOT_ALIGNED = 3
 
 
 class Outcome(enum.Enum):
@@ -25,6 +27,12 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"
     BAD_INPUT = "bad input"
     FAILED = "failed"
+    #: Finished with its outputs, but the stacks could not be brought together (the volume is suspect).
+    NOT_ALIGNED = "not aligned"
+
+
+#: The outcomes that leave a result to show.
+WITH_RESULT = (Outcome.DONE, Outcome.NOT_ALIGNED)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -117,6 +125,8 @@ class RunState:
             return Outcome.CANCELLED
         if self.returncode == 0 and self.done is not None and self.error is None:
             return Outcome.DONE
+        if self.returncode == EXIT_NOT_ALIGNED and self.done is not None and self.error is None:
+            return Outcome.NOT_ALIGNED
         if self.returncode == EXIT_BAD_INPUT:
             return Outcome.BAD_INPUT
         return Outcome.FAILED
@@ -151,6 +161,9 @@ class RunState:
             return f"Done on {device} in {elapsed}"
         if outcome is Outcome.CANCELLED:
             return f"Cancelled after {elapsed}"
+        if outcome is Outcome.NOT_ALIGNED:
+            verdict = self.done.get("verdict") or "the stacks disagree"
+            return f"Finished on {device} in {elapsed}, but {verdict}"
         return f"{outcome.value.capitalize()}: {self.failure_summary()}"
 
     def failure_summary(self) -> str:

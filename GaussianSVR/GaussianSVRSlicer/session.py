@@ -22,7 +22,7 @@ from typing import Any
 
 from . import command, engine_path, nodes
 from .inputs import InputProblem, StackInput, export_roi, export_stacks
-from .run_state import Outcome, RunState, Throttle
+from .run_state import WITH_RESULT, Outcome, RunState, Throttle
 from .runner import DEFAULT_GRACE_S, EventKind, WorkerEvent, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class ReconstructionSession:
         """The Gaussians (.npz) a later run can continue from: the result of a finished run, or the
         last checkpoint of a cancelled one; None if this run left none."""
         source = None
-        if self.state.outcome is Outcome.DONE and self.files is not None:
+        if self.state.outcome in WITH_RESULT and self.files is not None:
             source = self.files.gaussians_npz
         elif self.state.outcome is Outcome.CANCELLED and self.state.checkpoint is not None:
             source = Path(self.state.checkpoint.get("gaussians") or "")
@@ -194,7 +194,7 @@ class ReconstructionSession:
     @property
     def qc_picture(self) -> Path | None:
         """The QC picture of a finished run, if the engine wrote one."""
-        path = self.state.done.get("qc") if self.state.outcome is Outcome.DONE else None
+        path = self.state.done.get("qc") if self.state.outcome in WITH_RESULT else None
         return Path(path) if path and Path(path).is_file() else None
 
     # -- scene updates --------------------------------------------------------------------------
@@ -281,7 +281,7 @@ class ReconstructionSession:
 
     def _finalize(self) -> None:
         self._finalized = True
-        if self.state.outcome is Outcome.DONE:
+        if self.state.outcome in WITH_RESULT:
             done = self.state.done
             npz = None if done.get("gaussians") is None else str(Path(done["gaussians"]).with_suffix(".npz"))
             try:
@@ -290,7 +290,7 @@ class ReconstructionSession:
                 self.state.error = f"the result could not be loaded: {error}"  # the outcome becomes FAILED
             self.report = _read_report(done.get("report"))
         outcome = self.state.outcome
-        if outcome is Outcome.DONE:
+        if outcome in WITH_RESULT:
             if self.report is not None and "standard_space" in self.report:
                 self._align_with_standard_space(self.report["standard_space"]["atlas_to_scanner"])
             return

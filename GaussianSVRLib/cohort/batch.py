@@ -27,6 +27,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..devices import cpu_threads
+from ..errors import EXIT_INPUT_ERROR, EXIT_NOT_ALIGNED
 from ..export.montage import write_montage
 from ..io.outputs import write_json
 from ..io.progress import ProtocolError, decode
@@ -36,8 +37,6 @@ from .bids import Job
 log = logging.getLogger(__name__)
 
 Status = Literal["done", "skipped", "failed"]
-#: The engine's exit code when its outputs are locked by another run (a cancelled one still ending).
-EXIT_INPUT_ERROR = 2
 #: How long a subject waits for the outputs of an earlier try of it (on a worker that died) to be released.
 LOCK_WAIT_S = 60.0
 #: Memory one reconstruction needs with room to spare (GiB): the local cluster has no more workers.
@@ -155,6 +154,8 @@ def reconstruct_job(
         time.sleep(2.0)  # an earlier try of this job, on a worker that died, is still cancelling
         waited += 2.0
         code, message = run_engine(job, settings_file, cpus)
+    if code == EXIT_NOT_ALIGNED and (written := read_report(job)) is not None:
+        message = written["verdict"]["text"]  # the whole sentence, not the end of the log
     if code != 0:
         return Result(job, "failed", time.monotonic() - started, message)
     report = json.loads(job.output("report").read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """Quality control for people: a short table of a reconstruction report, and a PNG of rejected slices.
 
-The PNG has, under a title and a colour legend, one block per stack: its verdict; a strip of bars,
+The PNG has, under a title (and, when the stacks could not be brought together, a red line that says
+so) and a colour legend, one block per stack: its verdict; a strip of bars,
 one per slice along the stack (k = 0 on the left), as high as the slice's weight (0..1), drawn full
 height in the colour of the reason when the slice was rejected; then a thumbnail pair for each
 rejected slice, observed | predicted by the reconstruction, framed in the reason's colour and
@@ -40,6 +41,7 @@ REASON_COLOURS = {"motion": (230, 40, 40), "dropout": (255, 160, 0), "intensity"
 BAR_COLOUR = (200, 200, 200)
 STRIP_BACKGROUND = (45, 45, 45)
 WHITE = (255, 255, 255)
+NOT_ALIGNED = (255, 70, 70)
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -57,6 +59,9 @@ def summary_table(report: dict[str, Any]) -> str:
         if rejected:
             listed = ", ".join(f"{item['k']} ({reason_words(item)})" for item in rejected)
             lines.append(f"  stack {index + 1} rejected slices: {listed}")
+    verdict = report.get("verdict", {})
+    if verdict.get("status") == "not_aligned":
+        lines.append(verdict["text"].capitalize())
     return "\n".join(lines)
 
 
@@ -238,10 +243,22 @@ def qc_image(
         else f"GaussianSVR quality control: no slice rejected ({slices.n_slices} slices)"
     )
     gap = np.zeros((GAP, QC_WIDTH, 3), dtype=np.uint8)
-    tiles = [text_image(title, width=QC_WIDTH), legend(), gap]
+    tiles = [text_image(title, width=QC_WIDTH), *not_aligned_lines(report), legend(), gap]
     for index, stack in enumerate(stacks):
         tiles += [stack_block(index, stack, report, slices, predicted), gap]
     return stack_column(tiles)
+
+
+def not_aligned_lines(report: dict[str, Any]) -> list[np.ndarray]:
+    """The run's failure to bring the stacks together, in red under the title (none when it did)."""
+    verdict = report.get("verdict", {})
+    if verdict.get("status") != "not_aligned":
+        return []
+    listed = ", ".join(str(s + 1) for s in verdict["stacks"])
+    return [
+        text_image(f"The stacks could not be brought together (stacks {listed} agree poorly):", NOT_ALIGNED),
+        text_image("the volume is likely blurred or doubled; see the report", NOT_ALIGNED),
+    ]
 
 
 def write_qc_png(

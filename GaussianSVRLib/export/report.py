@@ -22,6 +22,41 @@ REACQUIRE_FRACTION = 0.3
 LOW_AGREEMENT = 0.85
 
 
+#: A run shorter than this has not fitted the motion enough for its agreement to say whether the stacks
+#: could be brought together (a quick check of an install); the preview preset runs 150 iterations.
+MIN_JUDGED_ITERATIONS = 100
+
+
+def run_verdict(agreements: list[float | None], iterations: int) -> dict[str, Any]:
+    """Whether the stacks were brought together, from each stack's agreement (None: not judged) after
+    a run of ``iterations``.
+
+    One stack that disagrees is down-weighted and the others make the volume; when at least half of
+    the judged stacks (two or more) disagree, no majority shaped the volume: it mixes poses that do
+    not fit one anatomy (blurred or doubled), and the run says so instead of passing it as a success.
+    Returns status ("ok", "not_aligned" or "not_judged"), the disagreeing stacks (indices from 0) and a
+    sentence.
+    """
+    judged = [a for a in agreements if a is not None]
+    low = [s for s, a in enumerate(agreements) if a is not None and a < LOW_AGREEMENT]
+    if iterations < MIN_JUDGED_ITERATIONS:
+        return {
+            "status": "not_judged",
+            "stacks": [],
+            "text": f"a run of fewer than {MIN_JUDGED_ITERATIONS} iterations is too short to judge",
+        }
+    if len(judged) < 2 or 2 * len(low) < len(judged):
+        return {"status": "ok", "stacks": low, "text": "the stacks were brought together"}
+    listed = ", ".join(f"{s + 1} ({agreements[s]:.2f})" for s in low)
+    text = (
+        f"the stacks could not be brought together: {len(low)} of {len(judged)} stacks agree poorly with "
+        f"the volume (stacks {listed}; agreement below {LOW_AGREEMENT:.2f}), so it is likely blurred or "
+        "doubled. The fetus probably moved more than the reconstruction can follow, or a mask is wrong: "
+        "check the masks, leave out the worst stacks or re-acquire them"
+    )
+    return {"status": "not_aligned", "stacks": low, "text": text}
+
+
 def reason_counts(codes: list[str | None]) -> dict[str, int]:
     """Rejected slices per reason code, every code of REASON_WORDS present (0 if unused)."""
     return {code: sum(c == code for c in codes) for code in REASON_WORDS}
@@ -154,4 +189,5 @@ def build_report(
         "n_gaussians": n_gaussians,
         "slices": per_slice,
         "stacks": per_stack,
+        "verdict": run_verdict([stack["agreement"] for stack in per_stack], settings.iterations),
     }

@@ -353,6 +353,41 @@ def test_without_dask_the_subjects_run_one_after_the_other(dataset, tmp_path, mo
     assert table.read_text().splitlines()[1].startswith("sub-02\tses-01\tdone\t2\t")
 
 
+@pytest.mark.slow
+def test_a_subject_whose_stacks_cannot_be_brought_together_fails_saying_why(
+    phantom_stacks, tmp_path, monkeypatch
+):
+    import numpy as np
+    import SimpleITK as sitk
+
+    bids, masks = tmp_path / "bids", tmp_path / "masks"
+    for root in (bids / "sub-09" / "anat", masks / "sub-09" / "anat"):
+        root.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "turned", "BIDSVersion": "1.9.0"}')
+    anat = ("sub-09", "anat")
+    for run, (stack, mask) in enumerate(
+        zip(phantom_stacks.stack_paths, phantom_stacks.mask_paths, strict=True)
+    ):
+        name = f"sub-09_run-{run + 1}"
+        for source, target in ((stack, bids.joinpath(*anat, f"{name}_T2w.nii.gz")),
+                               (mask, masks.joinpath(*anat, f"{name}_desc-brain_mask.nii.gz"))):  # fmt: skip
+            image = sitk.ReadImage(source)
+            array = sitk.GetArrayFromImage(image)
+            # The second and third stacks turned by half a turn in their plane behind the same header.
+            turned = sitk.GetImageFromArray(np.ascontiguousarray(array[:, ::-1, ::-1] if run else array))
+            turned.CopyInformation(image)
+            sitk.WriteImage(turned, str(target))
+    monkeypatch.setattr(batch, "dask_available", lambda: False)
+    jobs = find_jobs(bids, tmp_path / "out", masks)
+    settings = TINY_SETTINGS.updated(iterations=150, n_gaussians=1500, batch_pixels=2048)
+    [result] = batch.run_cohort(jobs, bids, tmp_path / "out", settings)
+    assert result.status == "failed"
+    assert result.message.startswith("the stacks could not be brought together: ")
+    assert result.message.endswith("re-acquire them"), "the whole sentence, not the end of a log"
+    assert jobs[0].output("volume").exists() and not jobs[0].output("sidecar").exists()
+    assert not batch.is_done(jobs[0], settings)
+
+
 def test_jobs_follow_the_bids_layout_and_the_labels_asked_for(dataset, tmp_path):
     bids, masks = dataset
     jobs = find_jobs(bids, tmp_path, masks)

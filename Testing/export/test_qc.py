@@ -16,6 +16,7 @@ from GaussianSVRLib.export.qc import (
     FRAME,
     MARGIN,
     MAX_BAR_WIDTH,
+    NOT_ALIGNED,
     QC_WIDTH,
     REASON_COLOURS,
     STRIP_BACKGROUND,
@@ -24,10 +25,17 @@ from GaussianSVRLib.export.qc import (
     qc_image,
     stack_block,
     summary_table,
+    text_image,
     weight_strip,
     write_qc_png,
 )
-from GaussianSVRLib.export.report import LOW_AGREEMENT, build_report, stack_verdict
+from GaussianSVRLib.export.report import (
+    LOW_AGREEMENT,
+    MIN_JUDGED_ITERATIONS,
+    build_report,
+    run_verdict,
+    stack_verdict,
+)
 from GaussianSVRLib.fit.optimize import MIN_JUDGED_PIXELS, robust_weights
 from GaussianSVRLib.io.slices import SliceSet, extract_slices
 from GaussianSVRLib.io.stacks import Stack, read_stacks
@@ -219,7 +227,40 @@ def test_summary_table_has_an_agreement_column_and_lists_rejections(small) -> No
         "  stack 1 rejected slices: 3 (motion), 5 (motion), 8 (motion), 9 (signal drop-out), "
         "11 (motion), 14 (motion), 17 (motion), 20 (motion), 22 (signal drop-out)"
     )
-    assert len(lines) == 4
+    # Of two stacks, one disagreeing: no majority made the volume.
+    assert lines[4].startswith("The stacks could not be brought together: 1 of 2 stacks agree poorly")
+    assert "stacks 2 (0.60)" in lines[4] and len(lines) == 5
+
+
+def test_the_run_is_not_aligned_when_half_of_the_stacks_disagree() -> None:
+    good, bad = 0.97, LOW_AGREEMENT - 0.01
+    assert run_verdict([good, good, good, bad], 400)["status"] == "ok"
+    verdict = run_verdict([good, bad, good, bad], 400)
+    assert verdict["status"] == "not_aligned" and verdict["stacks"] == [1, 3]
+    assert "2 of 4 stacks" in verdict["text"] and "stacks 2 (0.84), 4 (0.84)" in verdict["text"]
+    assert run_verdict([bad, bad, None], 400)["stacks"] == [0, 1]
+    assert run_verdict([bad, None], 400)["status"] == "ok"  # one judged stack has nothing to agree with
+    assert run_verdict([bad], 400)["status"] == "ok"
+    short = run_verdict([bad, bad], MIN_JUDGED_ITERATIONS - 1)
+    assert short["status"] == "not_judged" and short["stacks"] == []
+    assert run_verdict([bad, bad], MIN_JUDGED_ITERATIONS)["status"] == "not_aligned"
+
+
+def test_the_qc_png_says_in_red_when_the_stacks_were_not_brought_together(small) -> None:
+    stacks, slices = small
+    quality, predicted = synthetic_run(slices, stack_2_ncc=0.95)
+    report = report_of(stacks, slices, quality)
+    assert report["verdict"]["status"] == "ok"
+    aligned = qc_image(report, stacks, slices, predicted)
+    assert not np.all(aligned == NOT_ALIGNED, axis=-1).any()
+    quality, predicted = synthetic_run(slices, stack_2_ncc=0.6)
+    report = report_of(stacks, slices, quality)
+    assert report["verdict"]["status"] == "not_aligned"
+    flagged = qc_image(report, stacks, slices, predicted)
+    red = np.nonzero(np.all(flagged == NOT_ALIGNED, axis=-1).any(axis=1))[0]
+    title = text_image("title", width=QC_WIDTH).shape[0]
+    added = flagged.shape[0] - aligned.shape[0]
+    assert added > 0 and red.size and title <= red.min() and red.max() < title + added, "under the title"
 
 
 def frames(image: np.ndarray, colour: tuple[int, int, int]) -> list[tuple[slice, slice]]:

@@ -180,3 +180,11 @@ def test_qc_summary_caps_the_list():
         entry["excluded"] = True
     html = report.summary_html(data, max_listed=3)
     assert html.count("<li>") == 4 and "and 7 more" in html
+
+
+def test_qc_summary_leads_with_stacks_that_were_not_brought_together():
+    data = sample_report()
+    assert "could not be" not in report.summary_html(data)
+    data["verdict"] = {"status": "not_aligned", "stacks": [0, 1], "text": "the stacks could not be <joined>"}
+    html = report.summary_html(data)
+    assert html.startswith("<p><b><font color='#d03030'>The stacks could not be &lt;joined&gt;.")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from GaussianSVRSlicer import command, inputs, nodes, params, phantom, session
-from GaussianSVRSlicer.run_state import Outcome
+from GaussianSVRSlicer.run_state import EXIT_NOT_ALIGNED, Outcome
 from scipy.spatial.transform import Rotation
 from slicer_helpers import TINY_PHANTOM, TINY_SETTINGS
 
@@ -523,7 +523,7 @@ def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
         progress.encode("started", device="cpu", total=10),
         progress.encode("checkpoint", iter=1, volume=volume, gaussians=gaussians, ellipsoids=None),
     ]
-    run, output = run_scripted(scene, tmp_path, lines, exit_code=3)
+    run, output = run_scripted(scene, tmp_path, lines, exit_code=1)
     before = scene.GetNumberOfNodes()
     run.start()
     while run.previews_shown == 0 and not run.finished:
@@ -531,7 +531,7 @@ def test_a_crashing_worker_leaves_the_scene_as_it_was(scene, tmp_path):
     assert slicer.util.arrayFromVolume(output).shape == (5, 6, 7)  # the preview was shown
     state = run.wait(timeout_s=30)
 
-    assert state.outcome is Outcome.FAILED and state.returncode == 3
+    assert state.outcome is Outcome.FAILED and state.returncode == 1
     assert "about to exit" in state.failure_details()
     assert scene.GetNumberOfNodes() == before
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(output), 5.0)
@@ -577,6 +577,26 @@ def test_saving_to_a_folder_needs_a_chosen_existing_folder(tmp_path):
     with pytest.raises(inputs.InputProblem, match="does not exist"):
         session.output_folder(True, "relative/folder")
     assert session.output_folder(True, str(tmp_path)) == tmp_path
+
+
+def test_a_result_whose_stacks_were_not_brought_together_is_loaded_and_flagged(scene, tmp_path):
+    import slicer
+
+    volume, gaussians = preview_files(tmp_path)
+    verdict = "the stacks could not be brought together: 2 of 3 stacks agree poorly with the volume"
+    lines = [
+        progress.encode("started", device="cpu", total=10),
+        progress.encode(
+            "done", volume=volume, gaussians=None, report=None, elapsed_s=1, aligned=False, verdict=verdict
+        ),
+    ]
+    run, output = run_scripted(scene, tmp_path, lines, exit_code=EXIT_NOT_ALIGNED)
+    run.start()
+    state = run.wait(timeout_s=30)
+    assert state.outcome is Outcome.NOT_ALIGNED
+    assert state.status_text() == f"Finished on cpu in 1 s, but {verdict}"
+    assert slicer.util.arrayFromVolume(run.output_volume).shape == (5, 6, 7)  # the result was loaded
+    assert run.clean_up() is None
 
 
 def test_a_result_that_cannot_be_loaded_is_a_failure(scene, tmp_path):
