@@ -375,6 +375,8 @@ class BarEvents:
             )
             self.bar = tqdm(total=fields["total"], unit="it", disable=None, file=sys.stderr)
         elif kind == "progress" and self.bar is not None:
+            if fields["total"] != self.bar.total:  # a refit round lengthens the run
+                self.bar.total = fields["total"]
             self.bar.set_postfix(loss=f"{fields['loss']:.4f}", stage=fields["stage"], refresh=False)
             self.bar.update(fields["iter"] - self.bar.n)
         elif kind == "checkpoint":

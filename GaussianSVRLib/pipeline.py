@@ -25,6 +25,7 @@ from .fit.initialize import Problem, data_stages, initial_models, prepare
 from .fit.mask_propagation import has_mask, prepare_masks
 from .fit.optimize import Hooks, optimize
 from .fit.quality import SliceQuality
+from .fit.refit import refit
 from .io.roi import Box
 from .io.stacks import Stack, normalized_intensities, read_stacks
 from .model.gaussians import GaussianField
@@ -96,6 +97,23 @@ class Fit:
 
     def hooks(self, run: Run) -> Hooks:
         return Hooks(progress=run.progress, checkpoint=self.previews.maybe, should_stop=run.should_stop)
+
+    def round_hooks(self, run: Run, iterations: int) -> Callable[[int], Hooks]:
+        """Hooks for refit round r (see fit/refit.py): its steps counted on from the rounds before, under
+        the stage "refit"."""
+
+        def hooks(r: int) -> Hooks:
+            offset = r * iterations
+
+            def progress(step: int, total: int, loss: float, _: str, eta: float) -> None:
+                run.progress(offset + step, offset + total, loss, "refit", eta)
+
+            def checkpoint(step: int) -> None:
+                self.previews.maybe(offset + step)
+
+            return Hooks(progress=progress, checkpoint=checkpoint, should_stop=run.should_stop)
+
+        return hooks
 
 
 def read_problem(
@@ -246,8 +264,20 @@ def reconstruct(
                     fit.hooks(run),
                     problem.time_pairs,
                 )
+            with run.stage("refit"):
+                fit.quality, refits = refit(
+                    fit.field,
+                    fit.motion,
+                    stages["fine"],
+                    problem.slices.slice_stack,
+                    len(problem.stacks),
+                    settings,
+                    fit.quality,
+                    fit.round_hooks(run, settings.iterations),
+                    problem.time_pairs,
+                )
             with run.stage("render"):
-                fit.previews.at_end(settings.iterations)
+                fit.previews.at_end(settings.iterations * (1 + len(refits)))
                 state = snapshot(problem, fit.field, fit.motion)
                 if settings.output_space == "scanner":
                     image = volume_image(state, problem.grid_affine, problem.grid_shape, settings, device)
@@ -270,6 +300,7 @@ def reconstruct(
                 report["roi"] = roi.as_dict()
             if run.brain_search is not None:
                 report["brain_search"] = run.brain_search
+            report["refit_rounds"] = [round_.as_dict() for round_ in refits]
             paths = write_results(outputs, problem, state, image, report, fit.quality, run.check, space)
         except Cancelled:
             return cancelled_run(fit, settings, device, run)

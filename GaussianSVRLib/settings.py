@@ -302,6 +302,17 @@ class Settings:
         "(large fetal motion)",
         flag="--no-pose-search",
     )
+    refit_rounds: int = option(
+        2,
+        "after a fit that leaves a stack agreeing poorly with the volume (large motion), at most this "
+        "many extra rounds of fitting (as many iterations again, at full resolution, slice motion and "
+        "pose searches from the first step), for as long as each clearly raises the worst stack "
+        "agreement; 0: none",
+        flag="--refit-rounds",
+        limits=Range(0, 20),
+        plausible=Range(0, 4),
+        metavar="N",
+    )
 
     def updated(self, **changes: object) -> Settings:
         """A copy with the given fields changed; unknown names raise TypeError."""

@@ -19,7 +19,7 @@ run), --resume, ``--repeats`` runs per configuration with reconstruction seeds 0
 same simulated stacks, medians in the tables.
 
 Usage: python bench/bench_robustness.py [--quick] [--repeats 3] [--parts motion,outliers,bias]
-       [--motion-levels static,2-1,...] [--iterations N] [--preset standard] [--resume]
+       [--motion-levels static,2-1,...] [--skip-pose-search] [--iterations N] [--preset standard] [--resume]
        [--write docs/benchmarks_robustness.md]
 """
 
@@ -44,7 +44,7 @@ import bench_reconstruction as base
 from GaussianSVRLib.export.montage import write_montage
 from GaussianSVRLib.io.outputs import write_json
 from GaussianSVRLib.qa.metrics import motion_errors, orientation_errors
-from GaussianSVRLib.settings import preset
+from GaussianSVRLib.settings import MotionModel, preset
 from GaussianSVRLib.sim import simulate
 
 ATLAS = "SB_GA28_operated"
@@ -64,12 +64,19 @@ class MotionLevel:
     translation_mm: float
     stack_rotation_deg: float = 0.0
     stack_translation_mm: float = 0.0
+    #: independent: every slice on its own; trajectory: smooth in acquisition time with one sudden
+    #: jump per stack (the fetus kicks), amplitudes as for independent motion.
+    motion: MotionModel = "independent"
 
     @property
     def case(self) -> str:
         if self.label in ("static", TARGET_LEVEL):
             return {"static": "static", TARGET_LEVEL: "target"}[self.label]
         return f"motion-{self.label}"
+
+    @property
+    def jumps(self) -> int:
+        return 1 if self.motion == "trajectory" else 0
 
 
 TARGET_LEVEL = "5-3"
@@ -83,12 +90,18 @@ MOTION_LEVELS = {
         MotionLevel("8-4+10-5", 8.0, 4.0, 10.0, 5.0),
         MotionLevel("8-4+15-8", 8.0, 4.0, 15.0, 8.0),
         MotionLevel("10-5+20-10", 10.0, 5.0, 20.0, 10.0),
+        MotionLevel("15-7+30-15", 15.0, 7.0, 30.0, 15.0),
+        MotionLevel("traj-10-5+20-10", 10.0, 5.0, 20.0, 10.0, "trajectory"),
+        MotionLevel("traj-15-7+30-15", 15.0, 7.0, 30.0, 15.0, "trajectory"),
     )
 }
 #: The issue's requirement for large motion: ±8°/±4 mm per slice on ±15°/±8 mm between stacks.
 ISSUE_LEVEL = "8-4+15-8"
 #: Levels also run without the pose search (its effect where motion is small and where it is large).
 POSE_SEARCH_LEVELS = ("5-3", ISSUE_LEVEL, "10-5+20-10")
+#: Levels also run without refitting (fit/refit.py), as before it: its gain and its time.
+REFIT_LEVELS = ("5-3", "10-5+20-10", "15-7+30-15", "traj-10-5+20-10", "traj-15-7+30-15")
+NO_REFIT = {"refit_rounds": 0}
 OUTLIERS = {"dropout": 0.05, "replaced": 0.05, "blurred": 0.05, "stack_intensity_scale": 1.8}
 BIAS_AMPLITUDE = 0.3
 
@@ -108,6 +121,7 @@ def case_definitions() -> dict[str, base.Case]:
             max_translation_mm=level.translation_mm,
             stack_misalignment_deg=level.stack_rotation_deg,
             stack_misalignment_mm=level.stack_translation_mm,
+            **({"motion": level.motion, "jumps": level.jumps} if level.motion != "independent" else {}),
         )
         for level in MOTION_LEVELS.values()
     )
@@ -254,6 +268,8 @@ class RobustnessBench(base.Bench):
             run["log_tail"] = [f"{type(error).__name__}: {error}"]
             return
         run["timings"] = report["timings"]
+        run["refit_rounds"] = len(report.get("refit_rounds", []))
+        run["not_aligned"] = int(report["verdict"]["status"] == "not_aligned")
         if run["seed"] == 0:
             title = f"{name.removeprefix(PREFIX + '/')} ({label}): PSNR {run['psnr']:.1f} dB"
             write_montage(image, base.OUTPUT / name / f"montage_{label}.png", title=title)
@@ -291,7 +307,7 @@ def motion_table(results: dict[str, Any]) -> list[str]:
         level = MOTION_LEVELS[label]
         record = cases[f"{PREFIX}/{level.case}"]
         median = record["variants"]["default"]["median"]
-        first = f"±{level.rotation_deg:g} / ±{level.translation_mm:g}"
+        first = level_name(level)
         stacks = f"{level.stack_rotation_deg:g} / {level.stack_translation_mm:g}"
         if median["n_ok"] == 0:
             lines.append(f"| {first} | {stacks} | failed ({median['n_runs']} runs) |" + " |" * 9)
@@ -312,6 +328,44 @@ def motion_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def level_name(level: MotionLevel) -> str:
+    """The per-slice amplitudes, and the motion model where it is not independent."""
+    name = f"±{level.rotation_deg:g} / ±{level.translation_mm:g}"
+    return name if level.motion == "independent" else f"{name}, {level.motion}"
+
+
+def refit_table(results: dict[str, Any]) -> list[str]:
+    """The motion levels with refitting (the default) and without (as before it)."""
+    label = base.variant_label(NO_REFIT)
+    lines = [
+        "| per slice (±°/±mm) | stacks (°/mm) | refitting | PSNR (dB) | SSIM | rot err median (°) "
+        "| rot err vs consensus median (°) | rounds | runs not aligned | time (s) | time vs without |",
+        "|---" * 11 + "|",
+    ]
+    for name in results["motion_levels"]:
+        level = MOTION_LEVELS[name]
+        variants = results["cases"][f"{PREFIX}/{level.case}"]["variants"]
+        if label not in variants:
+            continue
+        without = variants[label]["median"]
+        for variant, shown in ((label, "off (before)"), ("default", "on (default)")):
+            median = variants[variant]["median"]
+            if median["n_ok"] == 0:
+                continue
+            ratio = median["wall_s"] / without["wall_s"] if without["n_ok"] else None
+            lines.append(
+                f"| {level_name(level)}{_failed(median)} | "
+                f"{level.stack_rotation_deg:g} / {level.stack_translation_mm:g} | {shown} | "
+                f"{_n(median['psnr'], 2)} | {_n(median.get('ssim'), 3)} | "
+                f"{_n(median.get('rotation_error_deg'), 2)} | "
+                f"{_n(median.get('consensus_rotation_error_deg'), 2)} | "
+                f"{_n(median.get('refit_rounds'), 0)} | "
+                f"{sum(run.get('not_aligned', 0) for run in variants[variant]['runs'])} of "
+                f"{median['n_ok']} | {_n(median.get('wall_s'), 0)} | {_n(ratio, 2)}x |"
+            )
+    return lines
+
+
 def pose_search_table(results: dict[str, Any]) -> list[str]:
     """The motion levels run with and without the pose search."""
     lines = [
@@ -329,7 +383,7 @@ def pose_search_table(results: dict[str, Any]) -> list[str]:
             if median["n_ok"] == 0:
                 continue
             lines.append(
-                f"| ±{level.rotation_deg:g} / ±{level.translation_mm:g} | "
+                f"| {level_name(level)} | "
                 f"{level.stack_rotation_deg:g} / {level.stack_translation_mm:g} | {shown} | "
                 f"{_n(median['psnr'], 2)} | {_n(median.get('rotation_error_deg'), 2)} / "
                 f"{_n(median.get('rotation_error_p90_deg'), 2)} | "
@@ -470,10 +524,23 @@ def section(results: dict[str, Any]) -> str:
         "",
         *motion_table(results),
         "",
-        "The multi-start pose search (`pose_search.py`, on by default) against `--no-pose-search`:",
+        "Trajectory: the per-slice motion is smooth in acquisition time (interleaved order) with one",
+        "sudden jump per stack, its amplitudes as above (`simulate.simulate_stacks`, motion",
+        '"trajectory"). Refitting (`fit/refit.py`, on by default) against `refit_rounds` 0, the',
+        "behaviour before it: after a fit that leaves a stack agreeing below 0.85, up to 2 more",
+        "rounds of fitting while the worst agreement rises. Runs not aligned: the report's verdict",
+        "`not_aligned` (at least half of the stacks agree poorly). Time vs without: the ratio of the",
+        "median times.",
         "",
-        *pose_search_table(results),
+        *refit_table(results),
     ]
+    if len(pose_search_table(results)) > 2:
+        lines += [
+            "",
+            "The multi-start pose search (`pose_search.py`, on by default) against `--no-pose-search`:",
+            "",
+            *pose_search_table(results),
+        ]
     if "outliers" in results["parts"]:
         lines += [
             "",
@@ -520,6 +587,11 @@ def main() -> None:
         default=",".join(MOTION_LEVELS),
         help=f"points of the curve, of: {', '.join(MOTION_LEVELS)} (per slice °-mm + stacks °-mm)",
     )
+    parser.add_argument(
+        "--skip-pose-search",
+        action="store_true",
+        help="leave out the runs without the pose search (and their table)",
+    )
     base.add_run_arguments(parser, DEFAULT_SECTION, f"{base.QUICK_ITERATIONS} iterations per run")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -537,8 +609,10 @@ def main() -> None:
     bench = RobustnessBench(args)
     for label in levels:
         run_case(bench, MOTION_LEVELS[label].case)
-        if label in POSE_SEARCH_LEVELS and "motion" in chosen_parts:
+        if label in POSE_SEARCH_LEVELS and "motion" in chosen_parts and not args.skip_pose_search:
             run_case(bench, MOTION_LEVELS[label].case, {"pose_search": False})
+        if label in REFIT_LEVELS and "motion" in chosen_parts:
+            run_case(bench, MOTION_LEVELS[label].case, NO_REFIT)
     if "outliers" in chosen_parts:
         run_case(bench, "outliers")
     if "bias" in chosen_parts:  # the default is n4: "none" is the variant

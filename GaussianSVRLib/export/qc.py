@@ -61,7 +61,8 @@ def summary_table(report: dict[str, Any]) -> str:
             lines.append(f"  stack {index + 1} rejected slices: {listed}")
     verdict = report.get("verdict", {})
     if verdict.get("status") == "not_aligned":
-        lines.append(verdict["text"].capitalize())
+        text = verdict["text"]
+        lines.append(text[:1].upper() + text[1:])  # str.capitalize would lower the later sentences
     return "\n".join(lines)
 
 

@@ -6,25 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from ..fit.optimize import MIN_JUDGED_PIXELS, SliceQuality
-from ..fit.quality import REASON_WORDS
+from ..fit.quality import (
+    LOW_AGREEMENT,
+    MIN_JUDGED_ITERATIONS,
+    REASON_WORDS,
+    SliceQuality,
+    stack_agreement,
+)
 from ..io.slices import SliceSet
 from ..io.stacks import Stack
 from ..settings import Settings
 
 #: A stack losing more than this fraction of its slices gets a re-acquisition advice.
 REACQUIRE_FRACTION = 0.3
-#: A stack whose agreement (median slice NCC with the reconstruction) is below this gets a warning,
-#: however few of its slices were rejected. The standard preset gives 0.96-0.98 on every stack of the
-#: phantom and of data/sub01 (slices rejected for motion there: 0.88-0.92); a stack median below
-#: 0.85 means the stack as a whole disagrees with the others (motion throughout, artefacts, a failed
-#: registration).
-LOW_AGREEMENT = 0.85
-
-
-#: A run shorter than this has not fitted the motion enough for its agreement to say whether the stacks
-#: could be brought together (a quick check of an install); the preview preset runs 150 iterations.
-MIN_JUDGED_ITERATIONS = 100
 
 
 def run_verdict(agreements: list[float | None], iterations: int) -> dict[str, Any]:
@@ -96,15 +90,6 @@ def stack_verdict(
     elif status == "warning":
         verdict += f" (low, below {LOW_AGREEMENT:.2f}): check this stack, consider re-acquiring"
     return verdict
-
-
-def stack_agreement(quality: SliceQuality, on_stack: np.ndarray) -> float | None:
-    """Median NCC (with the reconstruction) of a stack's slices (M,) bool that have enough pixels to
-    be judged; None when there is none (e.g. a cancelled run)."""
-    ncc = quality.ncc if quality.ncc is not None else np.full(len(on_stack), np.nan)
-    n_pixels = quality.n_pixels if quality.n_pixels is not None else np.full(len(on_stack), MIN_JUDGED_PIXELS)
-    values = ncc[on_stack & (n_pixels >= MIN_JUDGED_PIXELS) & np.isfinite(ncc)]
-    return float(np.median(values)) if len(values) else None
 
 
 def finite_or_none(value: float) -> float | None:

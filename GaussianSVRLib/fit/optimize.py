@@ -302,13 +302,28 @@ def optimize(
             with PROFILE.section("previews"):
                 if hooks.checkpoint is not None:
                     hooks.checkpoint(step)
-    fine = stages["fine"]
     with PROFILE.section("final_fit"):
-        neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
-        fit = final_fit(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
+        return judged(field_, motion, stages["fine"], slice_stack, settings, pose_moves)
+
+
+def judged(
+    field_: GaussianField,
+    motion: SliceMotion,
+    fine: SliceTensors,
+    slice_stack: np.ndarray,
+    settings: Settings,
+    pose_moves: np.ndarray | None = None,
+) -> SliceQuality:
+    """The slices judged against the models as they are: one pass over every full-resolution pixel
+    (final_fit), weights and exclusions from its residuals (robust_weights), and per slice (M,) its NCC
+    and pose_moves (zeros if not given)."""
+    m = motion.n
+    neighbours = neighbour_lists(field_, motion, fine, settings.k_neighbours, settings.neighbour_backend)
+    fit = final_fit(field_, motion, fine, neighbours, settings.psf_mode, 4 * settings.batch_pixels)
     # The slice's intensity relative to the volume: its scale, times what the scale has not yet
     # absorbed (the scale learns slowly, so a deep drop-out can still be on its way down).
     scale = motion.intensity_scale().detach().cpu().numpy() * fit.level
     quality = robust_weights(fit.residual, scale, slice_stack, settings.outlier_z, pixels_per_slice(fine, m))
-    quality.ncc, quality.predicted, quality.pose_moves = fit.ncc, fit.predicted, pose_moves
+    quality.ncc, quality.predicted = fit.ncc, fit.predicted
+    quality.pose_moves = np.zeros(m, dtype=np.int64) if pose_moves is None else pose_moves
     return quality

@@ -230,6 +230,7 @@ def test_summary_table_has_an_agreement_column_and_lists_rejections(small) -> No
     # Of two stacks, one disagreeing: no majority made the volume.
     assert lines[4].startswith("The stacks could not be brought together: 1 of 2 stacks agree poorly")
     assert "stacks 2 (0.60)" in lines[4] and len(lines) == 5
+    assert lines[4][1:] == report["verdict"]["text"][1:]  # only the first letter raised
 
 
 def test_the_run_is_not_aligned_when_half_of_the_stacks_disagree() -> None:
