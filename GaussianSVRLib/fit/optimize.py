@@ -82,11 +82,11 @@ def final_fit(
     with torch.no_grad():
         for start in range(0, data.n_pixels, batch):
             index = torch.arange(start, min(start + batch, data.n_pixels), device=device)
-            p = predict(field_, motion, data, index, neighbours[index], mode)
+            p = predict(field_, motion, data, index, neighbours.index_select(0, index), mode)
             predicted[index] = p
-            x, y = data.values[index].double(), p.double()
+            x, y = data.values.index_select(0, index).double(), p.double()
             terms = torch.stack([(y - x).abs(), x.abs(), torch.ones_like(x), x, y, x * x, y * y, x * y])
-            sums.index_add_(1, data.slice_id[index], terms)
+            sums.index_add_(1, data.slice_id.index_select(0, index), terms)
     error, magnitude, n, sx, sy, sxx, syy, sxy = sums.cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         residual = np.where(magnitude > 0, error / np.maximum(magnitude, 1e-300), np.nan)
@@ -261,13 +261,15 @@ def optimize(
                 is_motion = group["name"] in ("rotation", "translation", "slice_scale")
                 group["lr"] = group["base_lr"] * factor * (1.0 if motion_on or not is_motion else 0.0)
             with PROFILE.section("forward"):
-                prediction = predict(field_, motion, data, index, neighbours[index], settings.psf_mode)
-                slice_id = data.slice_id[index]
+                prediction = predict(
+                    field_, motion, data, index, neighbours.index_select(0, index), settings.psf_mode
+                )
+                slice_id = data.slice_id.index_select(0, index)
                 loss_weight = torch.as_tensor(
                     np.maximum(quality.weight, EXCLUDED_LOSS_WEIGHT), dtype=prediction.dtype, device=device
                 )
-                weight = loss_weight[slice_id]
-                target = data.values[index]
+                weight = loss_weight.index_select(0, slice_id)
+                target = data.values.index_select(0, index)
                 loss = weighted_l1(prediction, target, weight)
                 if settings.scale_regularization > 0:
                     loss = loss + settings.scale_regularization * scale_penalty(

@@ -14,8 +14,10 @@ candidate), predicted by the same code as the real ones (prediction.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,8 +103,8 @@ def virtual_slices(
     counts = torch.tensor([len(pixels) for pixels in samples for _ in range(copies)], device=index.device)
     rows = torch.as_tensor(np.repeat(np.asarray(slices), copies), dtype=torch.long, device=index.device)
     return SliceTensors(
-        values=data.values[index],
-        positions=data.positions[index],
+        values=data.values.index_select(0, index),
+        positions=data.positions.index_select(0, index),
         slice_id=torch.repeat_interleave(torch.arange(len(counts), device=index.device), counts),
         axes=data.axes.index_select(0, rows),
         sigma=data.sigma.index_select(0, rows),
@@ -142,7 +144,7 @@ def score(
         neighbours = neighbour_lists(field_, motion, data, k, backend)
         predicted = torch.cat(
             [
-                predict(field_, motion, data, index, neighbours[index], mode)
+                predict(field_, motion, data, index, neighbours.index_select(0, index), mode)
                 for index in torch.arange(data.n_pixels, device=data.values.device).split(SCORE_BATCH)
             ]
         )
@@ -161,14 +163,31 @@ def refine(
     )
     index = torch.arange(data.n_pixels, device=data.values.device)
     neighbours = None
-    for step in range(REFINE_STEPS):
-        if step % REFINE_REFRESH_EVERY == 0:
-            neighbours = neighbour_lists(field_, motion, data, k, backend)
-        predicted = predict(field_, motion, data, index, neighbours, mode)
-        loss = fitted_residuals(data.values, predicted, data.slice_id, motion.n).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    with frozen(field_):
+        for step in range(REFINE_STEPS):
+            if step % REFINE_REFRESH_EVERY == 0:
+                neighbours = neighbour_lists(field_, motion, data, k, backend)
+            predicted = predict(field_, motion, data, index, neighbours, mode)
+            loss = fitted_residuals(data.values, predicted, data.slice_id, motion.n).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+@contextlib.contextmanager
+def frozen(field_: GaussianField | object) -> Iterator[None]:
+    """The field's parameters need no gradient inside the block: the backward of the Gaussians
+    (most of a step's cost) is skipped, and their .grad is left alone. Fixed Gaussians (any object
+    that is no torch module, e.g. qa.agreement's) have none to freeze."""
+    parameters = list(field_.parameters()) if isinstance(field_, torch.nn.Module) else []
+    flags = [parameter.requires_grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
 
 
 def slices_to_search(

@@ -9,8 +9,6 @@ PSF modes:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import kernels
@@ -35,14 +33,9 @@ def evaluate(
     kernel of kernels.py runs when numba is installed (several times faster, see
     docs/benchmarks.md); elsewhere, plain torch.
     """
-    if points.device.type == "cpu" and use_fused_kernel():
+    if points.device.type == "cpu" and kernels.enabled():
         return kernels.evaluate_fused(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
     return evaluate_torch(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
-
-
-def use_fused_kernel() -> bool:
-    """The fused CPU kernel is used when numba is importable, unless GAUSSIANSVR_KERNEL=torch."""
-    return os.environ.get("GAUSSIANSVR_KERNEL", "fused") != "torch" and kernels.available()
 
 
 def evaluate_torch(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import numpy as np
 import torch
@@ -46,20 +47,29 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def enabled() -> bool:
+    """The fused CPU kernels (these and grid_kernel.py) are used when numba is importable, unless
+    GAUSSIANSVR_KERNEL=torch."""
+    return os.environ.get("GAUSSIANSVR_KERNEL", "fused") != "torch" and available()
+
+
 #: The numba module once _kernels() has imported it: this module must import without numba.
 numba = None
 
 
 def _forward_kernel(
-    points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized, out, norm, chunk
-):
+    points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized, out, norm, weights,
+    chunk,
+):  # fmt: skip
     """Values out (B,) of points (B, 3) from their neighbours (B, K); see the module docstring.
 
     psf6 has B rows to apply a PSF (zero rows for none); norm (B, 2) receives the normalizer and
-    the float64 value in the normalized mode. Chunks of pixels are handed to threads dynamically.
+    the float64 value in the normalized mode; weights (B, K), if it has B rows, every pair's w for
+    the backward. Chunks of pixels are handed to threads dynamically.
     """
     n_points, k_max = neighbours.shape
     use_psf = psf6.shape[0] == n_points
+    keep = weights.shape[0] == n_points
     for t in numba.prange((n_points + chunk - 1) // chunk):
         for i in range(t * chunk, min((t + 1) * chunk, n_points)):
             x = np.float64(points[i, 0])
@@ -91,6 +101,8 @@ def _forward_kernel(
                 w = np.exp(-0.5 * q / det)
                 if exact:
                     w *= np.sqrt(cov_det[j] / det)
+                if keep:
+                    weights[i, k] = w
                 num += intensities[j] * w
                 total += w
             if normalized:
@@ -104,9 +116,9 @@ def _forward_kernel(
 
 def _backward_kernel(
     order, points, neighbours, means, cov6, cov_det, intensities, psf6, exact, normalized,
-    grad_out, norm, grad_points, grad_psf, grad_gaussians, chunk,
+    grad_out, norm, weights, grad_points, grad_psf, grad_gaussians, chunk,
 ):  # fmt: skip
-    """Gradients of the forward kernel's output given grad_out (B,).
+    """Gradients of the forward kernel's output given grad_out (B,) and its pair weights (B, K).
 
     grad_points (B, 3) and grad_psf (B, 6) are written if they have B rows (else skipped);
     grad_gaussians (T, N, 11) is accumulated if it has N rows, each thread into its own slice
@@ -156,9 +168,7 @@ def _backward_kernel(
                 uy = ab * dx + ad * dy + ae * dz
                 uz = ac * dx + ae * dy + af * dz
                 q = dx * ux + dy * uy + dz * uz
-                g = np.exp(-0.5 * q * inv)
-                amp = np.sqrt(cov_det[j] * inv) if exact else 1.0
-                w = g * amp
+                w = weights[i, k]
                 cj = intensities[j]
                 grad_w = go * (cj - mean_out)
                 grad_log = grad_w * w  # dL/dlog(w)
@@ -205,7 +215,8 @@ def _backward_kernel(
                     acc[j, 7] += s4
                     acc[j, 8] += s5
                     if exact:
-                        acc[j, 9] += grad_w * g * 0.5 / (amp * det)
+                        # d w / d det(Sigma_j) = w / (2 det(Sigma_j))
+                        acc[j, 9] += 0.5 * grad_w * w / cov_det[j]
                     acc[j, 10] += go * w
             if want_points:
                 grad_points[i, 0] = gx
@@ -306,7 +317,7 @@ def _check_inputs(points, neighbours, means, cov6, cov_det, intensities, psf6, m
 
 class _FusedEvaluate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, points, neighbours, means, cov6, cov_det, intensities, psf6, mode):
+    def forward(ctx, points, neighbours, means, cov6, cov_det, intensities, psf6, mode, differentiable):
         dtype = points.dtype
         use_psf = psf6 is not None and mode != "none"
         floats = [t.detach().to(dtype).contiguous() for t in (points, means, cov6, cov_det, intensities)]
@@ -316,16 +327,18 @@ class _FusedEvaluate(torch.autograd.Function):
         exact, normalized = mode != "normalized", mode == "normalized"
         out = np.empty(len(p), p.dtype)
         norm = np.empty((len(p) if normalized else 0, 2))
+        # Every pair's weight for the backward, which then needs no exp or sqrt; none without one.
+        weights = np.empty((len(p) if differentiable else 0, index.shape[1]))
         forward_kernel, _, _ = _kernels()
         _threads()
         with PROFILE.section("kernel_forward"), numba.parallel_chunksize(1):
             forward_kernel(p, index.numpy(), m, c6, cd, c, psf.numpy(), exact, normalized, out, norm,
-                           PIXEL_CHUNK)  # fmt: skip
+                           weights, PIXEL_CHUNK)  # fmt: skip
         result = torch.from_numpy(out)
         # saved as tensors so that autograd notices inputs modified in place before the backward
         ctx.save_for_backward(*floats, psf, index)
         ctx.mode_flags = (exact, normalized, use_psf)
-        ctx.norm = norm
+        ctx.norm, ctx.weights = norm, weights
         return result
 
     @staticmethod
@@ -345,7 +358,7 @@ class _FusedEvaluate(torch.autograd.Function):
         go = grad_out.detach().to(ctx.saved_tensors[0].dtype).contiguous().numpy()
         with PROFILE.section("kernel_backward"), numba.parallel_chunksize(1):
             backward_kernel(order, p, index, m, c6, cd, c, psf, exact, normalized, go, ctx.norm,
-                            grad_points, grad_psf, grad_gaussians, PIXEL_CHUNK)  # fmt: skip
+                            ctx.weights, grad_points, grad_psf, grad_gaussians, PIXEL_CHUNK)  # fmt: skip
         total = torch.from_numpy(grad_gaussians.sum(0).astype(p.dtype)) if want_gaussians else None
 
         def part(flag: bool, columns: slice) -> torch.Tensor | None:
@@ -359,6 +372,7 @@ class _FusedEvaluate(torch.autograd.Function):
             part(need[4], slice(9, 10)),  # zeros in the normalized mode, as in torch
             part(need[5], slice(10, 11)),
             torch.from_numpy(grad_psf) if want_psf else None,
+            None,
             None,
         )
 
@@ -380,4 +394,9 @@ def evaluate_fused(
     cov6, cov_det, intensities and psf6. Needs numba (see available()).
     """
     _check_inputs(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
-    return _FusedEvaluate.apply(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (points, means, cov6, cov_det, intensities, psf6)
+    )
+    return _FusedEvaluate.apply(
+        points, neighbours, means, cov6, cov_det, intensities, psf6, mode, differentiable
+    )

@@ -14,7 +14,8 @@ rounding of near-ties):
   (then no centre outside can be closer). Queries that fail -- sparse regions, fewer than k
   candidates, queries far outside the centres -- are redone with the block widened (r doubled)
   until proven; a block spanning the whole grid always is. So the result is exact, never padded;
-  only the cost grows for queries far from every centre.
+  only the cost grows for queries far from every centre. On the CPU each round is the fused numba
+  kernel of grid_kernel.py (kernels.enabled()), elsewhere torch.
 - ``"torch"``: brute force in query chunks (squared distances by one matrix product, ``topk``, the
   shortlist re-ranked by exact differences); the reference and the fallback on devices without
   a faster option.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from ..devices import cpu_threads
+from . import grid_kernel, kernels
 
 BACKENDS = ("faiss", "kdtree", "grid", "torch")
 #: Upper bound on the temporaries of one query chunk (bytes).
@@ -81,7 +83,7 @@ def choose_backend(device: torch.device | str) -> str:
     """The fastest available backend for queries on ``device`` (see docs/benchmarks.md)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return "kdtree"
+        return "grid" if kernels.enabled() else "kdtree"
     if device.type == "cuda":
         faiss = _import_faiss()
         if faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
@@ -248,6 +250,11 @@ class _Grid:
     def search(self, queries: torch.Tensor, k: int, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (Q, k) among the centres in the (2 ring + 1)^3 block around each query's cell, and
         whether each row is proven exact (Q,): the k-th distance is within the block's margin."""
+        if queries.device.type == "cpu" and kernels.enabled():
+            return grid_kernel.search(
+                self.points_t.T, self.order, self.starts, self.ends, self.dims, self.origin, self.cell,
+                queries, k, ring,
+            )  # fmt: skip
         coords = self.cell_coords(queries)
         cells, query_cell = _unique_inverse(self.cell_ids(coords))
         cell_coords = self.coords_of(cells)
@@ -360,14 +367,14 @@ def _knn_grid(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Te
     base = database.to(device, dtype)
     grid = _Grid(base, _grid_cell_size(base, k))
     queries = queries.to(dtype)
-    out = torch.empty((len(queries), k), dtype=torch.int64, device=device)
-    pending = torch.arange(len(queries), device=device)
     ring = GRID_FIRST_RING
+    out, exact = grid.search(queries, k, ring)
+    pending = torch.nonzero(~exact).flatten()
     # Widen the block for the queries it could not prove; a block spanning the whole grid has no
     # face with cells beyond it, so the last round is exact for every query.
     while len(pending) > 0:
-        indices, exact = grid.search(queries[pending], k, ring)
+        ring *= 2
+        indices, exact = grid.search(queries.index_select(0, pending), k, ring)
         out[pending] = indices
         pending = pending[~exact]
-        ring *= 2
     return out

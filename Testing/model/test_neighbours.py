@@ -44,6 +44,16 @@ def brain_like(n: int, seed: int) -> torch.Tensor:
     return points * torch.tensor([50.0, 40.0, 35.0]) + torch.tensor([-20.0, 130.0, 40.0])
 
 
+@pytest.fixture(params=[*BACKENDS, "grid/torch"])
+def backend(request, monkeypatch) -> str:
+    """Every backend; "grid/torch" is the grid's plain-torch search on the CPU, where the fused
+    kernel (grid_kernel.py) is the default."""
+    name, _, kernel = request.param.partition("/")
+    if kernel:
+        monkeypatch.setenv("GAUSSIANSVR_KERNEL", kernel)
+    return name
+
+
 @pytest.fixture(scope="module")
 def cloud() -> tuple[torch.Tensor, torch.Tensor]:
     database = brain_like(2000, seed=0)
@@ -55,14 +65,12 @@ def cloud() -> tuple[torch.Tensor, torch.Tensor]:
     return database, torch.cat([plane, outside])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 50])
 def test_backends_match_brute_force(cloud, backend: str, k: int) -> None:
     database, queries = cloud
     assert_exact(database, queries, knn(database, queries, k, backend), k)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_small_chunks_give_the_same_result(cloud, backend: str, monkeypatch) -> None:
     database, queries = cloud
     monkeypatch.setattr(neighbours, "MAX_CHUNK_BYTES", 200_000)
@@ -70,14 +78,12 @@ def test_small_chunks_give_the_same_result(cloud, backend: str, monkeypatch) -> 
     assert_exact(database, queries, knn(database, queries, 8, backend), 8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_queries_far_outside_get_k_indices(backend: str) -> None:
     database = brain_like(500, seed=2)
     queries = torch.tensor([[5000.0, 0.0, 0.0], [0.0, -3000.0, 900.0], [-1e4, 1e4, 1e4]])
     assert_exact(database, queries, knn(database, queries, 20, backend), 20)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_awkward_databases(backend: str) -> None:
     g = torch.Generator().manual_seed(3)
     flat = torch.cat([torch.rand(400, 2, generator=g) * 80.0, torch.zeros(400, 1)], 1)
@@ -88,7 +94,6 @@ def test_awkward_databases(backend: str) -> None:
         assert_exact(database, queries, knn(database, queries, k, backend), k)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dtype_and_device_of_the_result(backend: str) -> None:
     database = brain_like(300, seed=4).double()
     queries = brain_like(40, seed=5).double().requires_grad_()
@@ -118,9 +123,12 @@ def test_unknown_backend_raises_value_error() -> None:
 
 
 def test_auto_picks_the_rule_of_each_device(cloud, monkeypatch) -> None:
-    """The rule (measured in docs/benchmarks.md): the k-d tree on the CPU; on CUDA faiss only where it has
+    """The rule (measured in docs/benchmarks.md): the grid on the CPU (its fused kernel; the k-d tree
+    without numba); on CUDA faiss only where it has
     GPU support, else brute force in torch; torch on any other device."""
     database, queries = cloud
+    assert choose_backend(torch.device("cpu")) == "grid"
+    monkeypatch.setenv("GAUSSIANSVR_KERNEL", "torch")
     assert choose_backend(torch.device("cpu")) == "kdtree"
     assert choose_backend("mps") == "torch"
     with_gpus = types.SimpleNamespace(get_num_gpus=lambda: 1)

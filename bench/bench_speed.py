@@ -1,0 +1,153 @@
+"""Speed of a standard run (issue 12): where the time goes, by stage and within the optimizer, for
+this tree and a baseline commit measured in the same run.
+
+    python bench/bench_speed.py [--baseline 45d0b1e] [--repeats 3] [--quick] [--write docs/...]
+
+The case is bench_reconstruction's ``target`` (GA28 atlas, 4 stacks, 0.8 mm pixels, 3 mm slices,
+±5°/±3 mm). Each run is the command line ``gaussiansvr reconstruct`` in a fresh process, with the
+tree under test first on PYTHONPATH (the baseline is checked out as a git worktree under
+bench/output/speed/); the versions alternate within each repeat, so a ratio sees the same load.
+Every version first runs once with 2 iterations so that numba's compile cache is warm. Stage and
+optimizer times come from each run's report (``timings``); wall: the whole process; peak memory:
+its max RSS. Writes docs/benchmarks_speed.md (or --write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_reconstruction as base
+import SimpleITK as sitk
+
+ROOT = base.ROOT
+OUTPUT = base.OUTPUT / "speed"
+SECTION = ROOT / "docs" / "benchmarks_speed.md"
+STAGES = ("read_s", "initialize_s", "optimize_s", "refit_s", "render_s", "total_s")
+
+
+def tree_of(revision: str | None) -> Path:
+    """The source tree of revision: this checkout for None, else a worktree (made once)."""
+    if revision is None:
+        return ROOT
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = OUTPUT / f"tree-{commit}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
+    return tree
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+def run(tree: Path, data: base.CaseData, folder: Path, seed: int, iterations: int | None) -> dict:
+    """One reconstruction by the command line of tree; wall seconds, peak RSS (GB) and the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report = folder / "report.json"
+    command = [sys.executable, "-m", "GaussianSVRLib", "reconstruct", "--input-stacks", *data.stacks,
+               "--stack-masks", *data.masks, "--output-volume", str(folder / "volume.nii.gz"),
+               "--output-json", str(report), "--seed", str(seed), "--progress", "none"]  # fmt: skip
+    if iterations is not None:
+        command += ["--iterations", str(iterations)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{folder}: " + " | ".join((folder / "log.txt").read_text().splitlines()[-5:]))
+    return {"wall": wall, "peak_gb": usage.ru_maxrss * 1024 / 1e9, "report": json.loads(report.read_text())}
+
+
+def measure(name: str, tree: Path, data: base.CaseData, seed: int) -> dict:
+    record = run(tree, data, OUTPUT / slug(name) / f"seed{seed}", seed, None)
+    timings = record["report"]["timings"]
+    row = {"wall": record["wall"], "peak memory (GB)": record["peak_gb"]}
+    row.update({stage: timings.get(stage, 0.0) for stage in STAGES})
+    row.update({f"opt:{k}": v for k, v in timings.get("optimize_profile_s", {}).items()})
+    quality = base.quality(sitk.ReadImage(str(OUTPUT / slug(name) / f"seed{seed}" / "volume.nii.gz")), data)
+    row.update({"psnr": quality["psnr"], "ssim": quality["ssim"]})
+    print(name, seed, {k: round(v, 2) for k, v in row.items()}, flush=True)
+    return row
+
+
+def medians(rows: list[dict]) -> dict:
+    keys = sorted({key for row in rows for key in row})
+    return {key: statistics.median(row.get(key, 0.0) for row in rows) for key in keys}
+
+
+def section(results: dict) -> str:
+    info, names = results["machine"], list(results["runs"])
+    summary = {name: medians(rows) for name, rows in results["runs"].items()}
+    title = "Speed: where a standard run's time goes (issue 12)"
+    lines = base.section_heading(title, results["quick"], "one repeat")
+    lines += [
+        f"Measured {info['date']} at commit {info['commit']}"
+        f"{' with uncommitted changes' if info['uncommitted_changes'] else ''} on {info['nproc']} CPUs "
+        f"({info['cpu']}), torch {info['torch']}; load {info['load_start'][0]:.2f} at the start and "
+        f"{results['load_end'][0]:.2f} at the end; bench {results['bench_s']:.0f} s. Case `target` "
+        f"(GA28, 4 stacks, ±5°/±3 mm), preset standard, medians of {results['repeats']} runs "
+        f"(seeds 0..{results['repeats'] - 1}); the versions alternate within each repeat. "
+        "Seconds; stages and optimizer sections from the run's report, wall for the whole process.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    keys = ["wall", *STAGES, "peak memory (GB)", "psnr", "ssim"]
+    keys += sorted({k for m in summary.values() for k in m if k.startswith("opt:")})
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{summary[n].get(key, 0.0):.2f}" for n in names) + " |")
+    if len(names) == 2:
+        first, second = (results["runs"][n] for n in names)
+        ratios = [a["total_s"] / b["total_s"] for a, b in zip(first, second, strict=True)]
+        listed = ", ".join(f"{r:.2f}" for r in ratios)
+        lines += ["", f"Ratio of total_s, {names[0]} / {names[1]}, per repeat: {listed} "
+                  f"(median {statistics.median(ratios):.2f}x)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline", help="a commit to measure beside this tree")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--write", type=Path, default=SECTION)
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
+    started, info = time.perf_counter(), base.machine(os.getloadavg())
+    data = base.load_case(base.CASES["target"])
+    trees = {"this tree": ROOT}
+    if args.baseline:
+        trees = {f"baseline {args.baseline}": tree_of(args.baseline), **trees}
+    for name, tree in trees.items():
+        run(tree, data, OUTPUT / slug(name) / "warm-up", 0, 2)
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for seed in range(args.repeats):
+        for name, tree in trees.items():
+            runs[name].append(measure(name, tree, data, seed))
+    results = {"machine": info, "load_end": os.getloadavg(), "bench_s": time.perf_counter() - started,
+               "quick": args.quick, "repeats": args.repeats, "runs": runs}  # fmt: skip
+    base.write_json(results, OUTPUT / "speed.json")
+    text = section(results)
+    print(text)
+    base.write_text_atomically(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
