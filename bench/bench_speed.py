@@ -9,7 +9,9 @@ tree under test first on PYTHONPATH (the baseline is checked out as a git worktr
 bench/output/speed/); the versions alternate within each repeat, so a ratio sees the same load.
 Every version first runs once with 2 iterations so that numba's compile cache is warm. Stage and
 optimizer times come from each run's report (``timings``); wall: the whole process; peak memory:
-its max RSS. Writes docs/benchmarks_speed.md (or --write).
+its max RSS; first preview: from the "started" to the first "checkpoint" message on the progress
+protocol (``--progress json``), previews on as in the Slicer module. Writes
+docs/benchmarks_speed.md (or --write).
 """
 
 from __future__ import annotations
@@ -52,29 +54,40 @@ def slug(name: str) -> str:
 
 
 def run(tree: Path, data: base.CaseData, folder: Path, seed: int, iterations: int | None) -> dict:
-    """One reconstruction by the command line of tree; wall seconds, peak RSS (GB) and the report."""
+    """One reconstruction by the command line of tree, with previews as the Slicer module asks for
+    them: wall seconds, peak RSS (GB), the report and the seconds from "started" to the first
+    "checkpoint" message (None without one), as the progress protocol's reader sees them."""
     folder.mkdir(parents=True, exist_ok=True)
     report = folder / "report.json"
     command = [sys.executable, "-m", "GaussianSVRLib", "reconstruct", "--input-stacks", *data.stacks,
                "--stack-masks", *data.masks, "--output-volume", str(folder / "volume.nii.gz"),
-               "--output-json", str(report), "--seed", str(seed), "--progress", "none"]  # fmt: skip
+               "--output-json", str(report), "--preview-dir", str(folder / "previews"),
+               "--seed", str(seed), "--progress", "json"]  # fmt: skip
     if iterations is not None:
         command += ["--iterations", str(iterations)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    seen: dict[str, float] = {}
     started = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
-        process = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        for line in process.stdout:
+            kind = json.loads(line).get("type") if line.startswith("{") else None
+            seen.setdefault(kind, time.perf_counter())
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{folder}: " + " | ".join((folder / "log.txt").read_text().splitlines()[-5:]))
-    return {"wall": wall, "peak_gb": usage.ru_maxrss * 1024 / 1e9, "report": json.loads(report.read_text())}
+    first = seen["checkpoint"] - seen["started"] if {"started", "checkpoint"} <= seen.keys() else None
+    return {"wall": wall, "peak_gb": usage.ru_maxrss * 1024 / 1e9, "first_preview": first,
+            "report": json.loads(report.read_text())}  # fmt: skip
 
 
 def measure(name: str, tree: Path, data: base.CaseData, seed: int) -> dict:
     record = run(tree, data, OUTPUT / slug(name) / f"seed{seed}", seed, None)
     timings = record["report"]["timings"]
     row = {"wall": record["wall"], "peak memory (GB)": record["peak_gb"]}
+    if record["first_preview"] is not None:
+        row["first preview after started"] = record["first_preview"]
     row.update({stage: timings.get(stage, 0.0) for stage in STAGES})
     row.update({f"opt:{k}": v for k, v in timings.get("optimize_profile_s", {}).items()})
     quality = base.quality(sitk.ReadImage(str(OUTPUT / slug(name) / f"seed{seed}" / "volume.nii.gz")), data)
@@ -98,17 +111,23 @@ def section(results: dict) -> str:
         f"{' with uncommitted changes' if info['uncommitted_changes'] else ''} on {info['nproc']} CPUs "
         f"({info['cpu']}), torch {info['torch']}; load {info['load_start'][0]:.2f} at the start and "
         f"{results['load_end'][0]:.2f} at the end; bench {results['bench_s']:.0f} s. Case `target` "
-        f"(GA28, 4 stacks, ±5°/±3 mm), preset standard, medians of {results['repeats']} runs "
+        f"(GA28, 4 stacks, ±5°/±3 mm), preset standard, previews on (`--preview-dir`), "
+        f"medians of {results['repeats']} runs "
         f"(seeds 0..{results['repeats'] - 1}); the versions alternate within each repeat. "
-        "Seconds; stages and optimizer sections from the run's report, wall for the whole process.",
+        "Seconds; stages and optimizer sections (`opt:`) from the run's report, wall for the whole "
+        "process (start-up and imports included). `opt:kernel_forward` and `opt:kernel_backward` (the "
+        "fused kernels) are parts of `opt:forward` and `opt:backward`; `opt:pose_search` includes its "
+        "own kernel calls and neighbour lists.",
         "",
         "| | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
-    keys = ["wall", *STAGES, "peak memory (GB)", "psnr", "ssim"]
+    keys = ["wall", *STAGES, "first preview after started", "peak memory (GB)", "psnr", "ssim"]
     keys += sorted({k for m in summary.values() for k in m if k.startswith("opt:")})
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{summary[n].get(key, 0.0):.2f}" for n in names) + " |")
+        digits = 3 if key == "ssim" else 2
+        cells = " | ".join(f"{summary[n].get(key, 0.0):.{digits}f}" for n in names)
+        lines.append(f"| {key} | {cells} |")
     if len(names) == 2:
         first, second = (results["runs"][n] for n in names)
         ratios = [a["total_s"] / b["total_s"] for a, b in zip(first, second, strict=True)]

@@ -38,6 +38,37 @@ def evaluate(
     return evaluate_torch(points, neighbours, means, cov6, cov_det, intensities, psf6, mode)
 
 
+def evaluate_slices(
+    positions: torch.Tensor,
+    slice_id: torch.Tensor,
+    rotations: torch.Tensor,
+    offsets: torch.Tensor,
+    neighbours: torch.Tensor,
+    means: torch.Tensor,
+    cov6: torch.Tensor,
+    cov_det: torch.Tensor,
+    intensities: torch.Tensor,
+    psf6: torch.Tensor | None = None,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """Predicted values (B,) of slice pixels: evaluate() at x = R_s p + b_s with slice s's PSF.
+
+    positions (B, 3) nominal pixel positions on slices slice_id (B,); rotations (M, 3, 3), offsets
+    (M, 3) and psf6 (M, 6) (or None) per slice; the Gaussians as for evaluate(). Differentiable
+    w.r.t. everything but positions and the indices. On the CPU with numba, the fused kernels move
+    the pixels themselves (kernels.py); elsewhere plain torch.
+    """
+    if positions.device.type == "cpu" and kernels.enabled():
+        return kernels.evaluate_slices_fused(
+            positions, slice_id, rotations, offsets, neighbours, means, cov6, cov_det, intensities, psf6,
+            mode,
+        )  # fmt: skip
+    points = (rotations.index_select(0, slice_id) @ positions.unsqueeze(-1)).squeeze(-1)
+    points = points + offsets.index_select(0, slice_id)
+    pixel_psf = psf6.index_select(0, slice_id) if psf6 is not None else None
+    return evaluate_torch(points, neighbours, means, cov6, cov_det, intensities, pixel_psf, mode)
+
+
 def evaluate_torch(
     points: torch.Tensor,
     neighbours: torch.Tensor,

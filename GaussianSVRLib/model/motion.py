@@ -36,6 +36,10 @@ class SliceMotion(nn.Module):
         """(M,) multiplicative intensity scale per slice."""
         return torch.exp(self.log_scale)
 
+    def offsets(self, rotations: torch.Tensor) -> torch.Tensor:
+        """(M, 3) b_i such that R_i (p - c_i) + c_i + t_i = R_i p + b_i, for rotations (M, 3, 3)."""
+        return self.centres + self.translation - (rotations @ self.centres.unsqueeze(-1)).squeeze(-1)
+
     def move(self, positions: torch.Tensor, slice_id: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Anatomy-frame positions (P, 3) of nominal positions (P, 3) on slices slice_id (P,).
 

@@ -12,6 +12,7 @@ pytest.importorskip("numba")
 
 from GaussianSVRLib.model import forward, kernels  # noqa: E402
 from GaussianSVRLib.model.psf import from_sym6, to_sym6
+from GaussianSVRLib.model.rotations import rotvec_to_matrix
 
 MODES = ("exact", "normalized", "none")
 INPUT_NAMES = ("points", "neighbours", "means", "cov6", "cov_det", "intensities", "psf6")
@@ -169,3 +170,86 @@ def test_module_imports_and_reports_unavailable_without_numba(monkeypatch: pytes
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.available() is False
+
+
+SLICE_NAMES = ("rotations", "offsets", "means", "cov6", "cov_det", "intensities", "psf6")
+
+
+def slice_inputs(n_points: int = 96, n_slices: int = 5, seed: int = 10) -> dict:
+    """float32 inputs of forward.evaluate_slices: pixels of a few turned slices through the 8 mm box
+    of make_inputs' Gaussians, every slice with its own PSF."""
+    points, neighbours, means, cov6, cov_det, intensities, _ = make_inputs(n_points=n_points, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    rotvec = 0.4 * torch.randn(n_slices, 3, generator=generator, dtype=torch.float64)
+    psf = random_covariances(n_slices, 0.3, 1.3, generator)
+    return {
+        "positions": points - 4.0,
+        "slice_id": torch.randint(0, n_slices, (n_points,), generator=generator),
+        "rotations": rotvec_to_matrix(rotvec).float(),
+        "offsets": (4.0 + 0.5 * torch.randn(n_slices, 3, generator=generator, dtype=torch.float64)).float(),
+        "neighbours": neighbours,
+        "means": means,
+        "cov6": cov6,
+        "cov_det": cov_det,
+        "intensities": intensities,
+        "psf6": to_sym6(psf).float(),
+    }
+
+
+def run_slices(inputs: dict, dtype: torch.dtype, mode: str, upstream: torch.Tensor, requires=SLICE_NAMES):
+    """Values and gradients (by name, None where not asked) of forward.evaluate_slices."""
+    leaves_ = {
+        name: value.detach().to(dtype).clone().requires_grad_(name in requires)
+        if value is not None and value.is_floating_point() and name != "positions"
+        else value.to(dtype)
+        if name == "positions"
+        else value
+        for name, value in inputs.items()
+    }
+    values = forward.evaluate_slices(**leaves_, mode=mode)
+    wanted = [name for name in SLICE_NAMES if leaves_[name] is not None and leaves_[name].requires_grad]
+    grads = torch.autograd.grad(
+        (values * upstream.to(values.dtype)).sum(), [leaves_[n] for n in wanted], allow_unused=True
+    )
+    return values.detach(), dict(zip(wanted, grads, strict=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_psf", [True, False])
+def test_slices_match_torch(mode: str, with_psf: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels that move the pixels themselves agree with rotating, gathering and evaluating in
+    torch: values and the gradients of every slice and Gaussian table."""
+    inputs = slice_inputs()
+    if not with_psf:
+        inputs["psf6"] = None
+    upstream = upstream_weights(len(inputs["positions"]))
+    values, grads = run_slices(inputs, torch.float32, mode, upstream)
+    monkeypatch.setenv("GAUSSIANSVR_KERNEL", "torch")
+    reference, reference_grads = run_slices(inputs, torch.float64, mode, upstream)
+    assert values.dtype == torch.float32
+    assert_matches(values, reference)
+    assert grads.keys() == reference_grads.keys()
+    for name, theirs in reference_grads.items():
+        ours = grads[name]
+        if mode == "none" and name == "psf6":
+            assert ours is None and theirs is None
+            continue
+        assert ours is not None and ours.shape == theirs.shape, name
+        assert_matches(ours, theirs)
+
+
+def test_slices_give_only_requested_gradients() -> None:
+    inputs = slice_inputs(seed=11)
+    upstream = upstream_weights(len(inputs["positions"]))
+    _, grads = run_slices(inputs, torch.float32, "exact", upstream, requires=("rotations",))
+    assert set(grads) == {"rotations"} and grads["rotations"].abs().max() > 0
+
+
+def test_slices_refuse_bad_inputs() -> None:
+    inputs = slice_inputs(n_points=8, n_slices=3, seed=12)
+    with pytest.raises(IndexError, match="slice_id"):
+        kernels.evaluate_slices_fused(**{**inputs, "slice_id": inputs["slice_id"] + 3})
+    with pytest.raises(ValueError, match="psf6"):
+        kernels.evaluate_slices_fused(**{**inputs, "psf6": inputs["psf6"][:2]})
+    with pytest.raises(ValueError, match="positions"):
+        kernels.evaluate_slices_fused(**{**inputs, "positions": inputs["positions"].requires_grad_()})
