@@ -14,17 +14,15 @@ candidate), predicted by the same code as the real ones (prediction.py).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..geometry import matrix_to_rotvec
-from ..model.gaussians import GaussianField
+from ..model.gaussians import FrozenGaussians, GaussianField
 from ..model.motion import SliceMotion
 from ..model.rotations import rotvec_to_matrix
 from .prediction import SliceTensors, neighbour_lists, predict
@@ -137,7 +135,7 @@ def least_squares_scales(
 
 
 def score(
-    field_: GaussianField, motion: SliceMotion, data: SliceTensors, k: int, backend: str, mode: str
+    field_: FrozenGaussians, motion: SliceMotion, data: SliceTensors, k: int, backend: str, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions (P,) and fitted residuals (V,) of V virtual slices at their poses (no gradient)."""
     with torch.no_grad():
@@ -152,7 +150,7 @@ def score(
 
 
 def refine(
-    field_: GaussianField, motion: SliceMotion, data: SliceTensors, k: int, backend: str, mode: str
+    field_: FrozenGaussians, motion: SliceMotion, data: SliceTensors, k: int, backend: str, mode: str
 ) -> None:
     """REFINE_STEPS of Adam on the poses of the virtual slices (in place) against the frozen volume."""
     optimizer = torch.optim.Adam(
@@ -163,31 +161,14 @@ def refine(
     )
     index = torch.arange(data.n_pixels, device=data.values.device)
     neighbours = None
-    with frozen(field_):
-        for step in range(REFINE_STEPS):
-            if step % REFINE_REFRESH_EVERY == 0:
-                neighbours = neighbour_lists(field_, motion, data, k, backend)
-            predicted = predict(field_, motion, data, index, neighbours, mode)
-            loss = fitted_residuals(data.values, predicted, data.slice_id, motion.n).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-
-@contextlib.contextmanager
-def frozen(field_: GaussianField | object) -> Iterator[None]:
-    """The field's parameters need no gradient inside the block: the backward of the Gaussians
-    (most of a step's cost) is skipped, and their .grad is left alone. Fixed Gaussians (any object
-    that is no torch module, e.g. qa.agreement's) have none to freeze."""
-    parameters = list(field_.parameters()) if isinstance(field_, torch.nn.Module) else []
-    flags = [parameter.requires_grad for parameter in parameters]
-    for parameter in parameters:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in zip(parameters, flags, strict=True):
-            parameter.requires_grad_(flag)
+    for step in range(REFINE_STEPS):
+        if step % REFINE_REFRESH_EVERY == 0:
+            neighbours = neighbour_lists(field_, motion, data, k, backend)
+        predicted = predict(field_, motion, data, index, neighbours, mode)
+        loss = fitted_residuals(data.values, predicted, data.slice_id, motion.n).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def slices_to_search(
@@ -201,7 +182,7 @@ def slices_to_search(
 
 
 def search_poses(
-    field_: GaussianField,
+    field_: GaussianField | FrozenGaussians,
     motion: SliceMotion,
     data: SliceTensors,
     slices: np.ndarray,
@@ -212,6 +193,9 @@ def search_poses(
     """Search new poses for the slices (S,) of data and move those that gain MIN_GAIN (motion
     changes in place; a moved slice's intensity scale becomes its least-squares one). The
     Gaussians are not changed."""
+    # Frozen once: the search's many steps then neither rebuild the covariances nor backpropagate
+    # into the Gaussians.
+    field_ = field_.frozen()
     device = motion.rotvec.device
     rows = torch.as_tensor(np.asarray(slices), dtype=torch.long, device=device)
     deltas = candidate_rotations()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -54,6 +56,11 @@ class GaussianField(nn.Module):
         det = torch.exp(2.0 * torch.log(self.scales()).sum(-1))
         return self.means, to_sym6(self.covariances()), det, self.intensities
 
+    def frozen(self) -> FrozenGaussians:
+        """The Gaussians as they are now, detached, packed once."""
+        with torch.no_grad():
+            return FrozenGaussians(*(t.detach().clone() for t in self.packed()))
+
     def state(self) -> dict[str, torch.Tensor]:
         """Detached world-space description: means, covariances, intensities."""
         with torch.no_grad():
@@ -62,6 +69,27 @@ class GaussianField(nn.Module):
                 "covariances": self.covariances().detach().clone(),
                 "intensities": self.intensities.detach().clone(),
             }
+
+
+@dataclass
+class FrozenGaussians:
+    """Fixed Gaussians in the form the forward model reads (what fit.prediction and final_fit use of
+    a GaussianField: ``means`` and ``packed()``), computed once: nothing to differentiate, nothing
+    recomputed per step.
+
+    means (N, 3), cov6 (N, 6) covariances as 6-vectors, det (N,), intensities (N,).
+    """
+
+    means: torch.Tensor
+    cov6: torch.Tensor
+    det: torch.Tensor
+    intensities: torch.Tensor
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.means, self.cov6, self.det, self.intensities
+
+    def frozen(self) -> FrozenGaussians:
+        return self
 
 
 def transform_state(state: dict[str, torch.Tensor], rotation: torch.Tensor, offset: torch.Tensor) -> dict:

@@ -30,6 +30,7 @@ from ..fit.registration import register_rigid
 from ..geometry import rigid_to_slice_motion
 from ..io.slices import IN_PLANE_FWHM_FACTOR, coarsen_slices, extract_slices
 from ..io.stacks import Stack
+from ..model.gaussians import FrozenGaussians
 from ..model.motion import SliceMotion
 from ..model.psf import to_sym6
 from ..model.volume import grid_covering, render
@@ -93,23 +94,6 @@ class Agreement:
         """Median slice NCC of the stack (NaN if no slice has one)."""
         finite = self.ncc[np.isfinite(self.ncc)]
         return float(np.median(finite)) if finite.size else float("nan")
-
-
-@dataclass
-class FrozenGaussians:
-    """Fixed Gaussians in the form the forward model reads (what optimize.predict, neighbour_lists and
-    final_fit use of a GaussianField: ``means`` and ``packed()``), computed once.
-
-    means (N, 3), cov6 (N, 6) covariances as 6-vectors, det (N,), intensities (N,).
-    """
-
-    means: torch.Tensor
-    cov6: torch.Tensor
-    det: torch.Tensor
-    intensities: torch.Tensor
-
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.means, self.cov6, self.det, self.intensities
 
 
 def frozen_gaussians(gaussians: Mapping[str, np.ndarray], device: torch.device) -> FrozenGaussians:

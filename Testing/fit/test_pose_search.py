@@ -21,6 +21,7 @@ from GaussianSVRLib.fit.prediction import SliceTensors
 from GaussianSVRLib.geometry import rotvec_to_matrix_np
 from GaussianSVRLib.io.slices import extract_slices
 from GaussianSVRLib.io.stacks import read_stack
+from GaussianSVRLib.model.gaussians import GaussianField
 from GaussianSVRLib.model.motion import SliceMotion
 from GaussianSVRLib.model.rotations import rotvec_to_matrix
 from GaussianSVRLib.qa.agreement import frozen_gaussians
@@ -120,3 +121,24 @@ def test_slices_turned_far_off_are_brought_back_and_good_ones_stay(phantom_gauss
     assert rotation_error[3] == 0.0 and translation_error[3] == 0.0
     untouched = np.setdiff1d(np.arange(m), searched)
     assert np.all(motion.rotvec.detach().numpy()[untouched] == 0.0)
+
+
+def test_a_search_leaves_a_live_field_and_its_gradients_alone(phantom_gaussians, still_slices):
+    """The optimizer's own field is searched against: the search reads it frozen, so neither the
+    Gaussians nor their accumulated gradients change."""
+    slices, data = still_slices
+    m = slices.n_slices
+    means = torch.as_tensor(phantom_gaussians["means"], dtype=torch.float32)
+    field_ = GaussianField(
+        means,
+        torch.full_like(means, 1.5),
+        torch.as_tensor(phantom_gaussians["intensities"], dtype=torch.float32),
+    )
+    before = [parameter.detach().clone() for parameter in field_.parameters()]
+    rotvec = torch.zeros(m, 3)
+    rotvec[0] = torch.tensor([0.2, 0.0, 0.0])
+    motion = SliceMotion(torch.as_tensor(slices.slice_centre, dtype=torch.float32), rotvec, torch.zeros(m, 3))
+    search_poses(field_, motion, data, np.array([0, 1]), k=16, backend="auto", mode="exact")
+    for parameter, original in zip(field_.parameters(), before, strict=True):
+        assert parameter.grad is None and parameter.requires_grad
+        assert torch.equal(parameter.detach(), original)
