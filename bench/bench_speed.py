@@ -53,7 +53,9 @@ def slug(name: str) -> str:
     return name.replace(" ", "-")
 
 
-def run(tree: Path, data: base.CaseData, folder: Path, seed: int, iterations: int | None) -> dict:
+def run(
+    tree: Path, data: base.CaseData, folder: Path, seed: int, iterations: int | None, extra: tuple = ()
+) -> dict:
     """One reconstruction by the command line of tree, with previews as the Slicer module asks for
     them: wall seconds, peak RSS (GB), the report and the seconds from "started" to the first
     "checkpoint" message (None without one), as the progress protocol's reader sees them."""
@@ -65,6 +67,7 @@ def run(tree: Path, data: base.CaseData, folder: Path, seed: int, iterations: in
                "--seed", str(seed), "--progress", "json"]  # fmt: skip
     if iterations is not None:
         command += ["--iterations", str(iterations)]
+    command += list(extra)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     seen: dict[str, float] = {}
     started = time.perf_counter()
@@ -134,7 +137,52 @@ def section(results: dict) -> str:
         listed = ", ".join(f"{r:.2f}" for r in ratios)
         lines += ["", f"Ratio of total_s, {names[0]} / {names[1]}, per repeat: {listed} "
                   f"(median {statistics.median(ratios):.2f}x)."]  # fmt: skip
+    if results.get("scaling"):
+        lines += scaling_table(results["scaling"])
     return "\n".join(lines) + "\n"
+
+
+#: The scaling part: stacks of the target geometry (auto Gaussians), and Gaussians on its 4 stacks.
+SCALING_STACKS = (1, 2, 4, 8)
+SCALING_GAUSSIANS = (6000, 12000, 24000, 48000)
+
+
+def scaling(tree: Path) -> list[dict]:
+    """Single runs of this tree: time and memory against pixels (stacks) and Gaussians."""
+    rows = []
+    runs = [(n, None) for n in SCALING_STACKS] + [(4, g) for g in SCALING_GAUSSIANS]
+    for n_stacks, gaussians in runs:
+        case = base._simulated(
+            f"speed-{n_stacks}-stacks", f"GA28, {n_stacks} stacks", "SB_GA28_operated", n_stacks=n_stacks
+        )
+        data = base.load_case(case)
+        extra = ("--n-gaussians", str(gaussians)) if gaussians else ()
+        folder = OUTPUT / "scaling" / f"{n_stacks}-stacks-{gaussians or 'auto'}"
+        record = run(tree, data, folder, 0, None, extra)
+        report, timings = record["report"], record["report"]["timings"]
+        profile = timings.get("optimize_profile_s", {})
+        row = {"stacks": n_stacks, "pixels": report["n_pixels"], "gaussians": report["n_gaussians"],
+               "total_s": timings["total_s"], "optimize_s": timings["optimize_s"],
+               "neighbours_s": profile.get("neighbours", 0.0),
+               "kernels_s": profile.get("kernel_forward", 0.0) + profile.get("kernel_backward", 0.0),
+               "pose_search_s": profile.get("pose_search", 0.0), "peak_gb": record["peak_gb"]}  # fmt: skip
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def scaling_table(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    lines = ["", "### Scaling (single runs of this tree)", "",
+             "Time (s) and peak memory (GB) against the pixels (1 to 8 stacks of the target geometry, "
+             "automatic Gaussians) and the Gaussians (4 stacks). A step's cost is set by the batch "
+             "(32k pixels x K = 16), not by P or N: what grows with P is the neighbour refresh (every "
+             "pixel, every 20 steps), with N the initialization, Adam and the covariances.", "",
+             "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]  # fmt: skip
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -145,6 +193,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--write", type=Path, default=SECTION)
+    parser.add_argument("--scaling", action="store_true", help="also the scaling table (8 single runs)")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 1
@@ -159,8 +208,10 @@ def main() -> int:
     for seed in range(args.repeats):
         for name, tree in trees.items():
             runs[name].append(measure(name, tree, data, seed))
-    results = {"machine": info, "load_end": os.getloadavg(), "bench_s": time.perf_counter() - started,
-               "quick": args.quick, "repeats": args.repeats, "runs": runs}  # fmt: skip
+    results = {"machine": info, "quick": args.quick, "repeats": args.repeats, "runs": runs}
+    if args.scaling:
+        results["scaling"] = scaling(ROOT)
+    results.update(load_end=os.getloadavg(), bench_s=time.perf_counter() - started)
     base.write_json(results, OUTPUT / "speed.json")
     text = section(results)
     print(text)

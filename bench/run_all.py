@@ -30,6 +30,7 @@ QUICK_DOCS = BENCH / "output" / "quick"
 SCRIPTS = (
     ("neighbours", "bench_neighbours.py", ["--memory"]),
     ("forward", "bench_forward.py", []),
+    ("speed", "bench_speed.py", []),
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
     ("resolution", "bench_resolution.py", []),
