@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("numba")
 
 from GaussianSVRLib.model import forward, kernels  # noqa: E402
+from GaussianSVRLib.model.motion import SliceMotion
 from GaussianSVRLib.model.psf import from_sym6, to_sym6
 from GaussianSVRLib.model.rotations import rotvec_to_matrix
 
@@ -253,3 +254,16 @@ def test_slices_refuse_bad_inputs() -> None:
         kernels.evaluate_slices_fused(**{**inputs, "psf6": inputs["psf6"][:2]})
     with pytest.raises(ValueError, match="positions"):
         kernels.evaluate_slices_fused(**{**inputs, "positions": inputs["positions"].requires_grad_()})
+
+
+def test_slice_offsets_move_pixels_as_the_motion_does() -> None:
+    """predict() moves pixels by R p + b (SliceMotion.offsets), the neighbour search by
+    SliceMotion.move: both must put every pixel at the same place."""
+    generator = torch.Generator().manual_seed(13)
+    centres = 50.0 * torch.randn(6, 3, generator=generator)
+    motion = SliceMotion(centres, 0.3 * torch.randn(6, 3, generator=generator), torch.randn(6, 3))
+    slice_id = torch.randint(0, 6, (200,), generator=generator)
+    positions = centres[slice_id] + 20.0 * torch.randn(200, 3, generator=generator)
+    rotations = motion.rotations()
+    moved = (rotations[slice_id] @ positions[:, :, None])[..., 0] + motion.offsets(rotations)[slice_id]
+    torch.testing.assert_close(moved, motion.move(positions, slice_id, rotations), rtol=0, atol=1e-4)
