@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ..geometry import image_affine
+from . import interpolation
 from .bundled import DEFAULT_WEEK, Atlas, estimate_week, load_atlas, nearest_week
 from .orientations import angle_deg, rotation_grid
 
@@ -180,8 +180,7 @@ class Comparison:
 def sampled(array: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Linear samples of an array [k, j, i] on a grid (voxel -> LPS (4, 4)) at LPS points (..., 3)."""
     index = (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
-    flat = index.reshape(-1, 3)[:, ::-1].T
-    return ndimage.map_coordinates(array, flat, order=1, cval=0.0).reshape(points.shape[:-1])
+    return interpolation.linear(array, index.reshape(-1, 3)[:, ::-1]).reshape(points.shape[:-1])
 
 
 def distinct_best(scores: np.ndarray, rotations: np.ndarray, count: int) -> list[int]:

@@ -14,6 +14,8 @@ import functools
 import numpy as np
 import torch
 
+from . import kernels
+
 #: Queries per work item (handed to threads dynamically: the machine may be shared).
 QUERY_CHUNK = 1024
 #: Relative slack of the proof, as in the torch search: float rounding must not prove a near-tie.
@@ -136,7 +138,7 @@ def search(
     row. CPU tensors; arithmetic in float64.
     """
     kernel = _compiled()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    kernels.use_torch_threads()
 
     def array(tensor: torch.Tensor, dtype) -> np.ndarray:
         return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)

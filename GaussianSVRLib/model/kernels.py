@@ -312,10 +312,13 @@ def _kernels():
     )
 
 
-def _threads() -> int:
-    """Use as many numba threads as torch does (within numba's pool size)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+def use_torch_threads() -> int:
+    """Set numba (every kernel of the engine) to as many threads as torch uses, within numba's pool
+    size; returns that count."""
+    import numba as numba_
+
+    threads = max(1, min(torch.get_num_threads(), numba_.config.NUMBA_NUM_THREADS))
+    numba_.set_num_threads(threads)
     return threads
 
 
@@ -385,7 +388,7 @@ class _FusedEvaluate(torch.autograd.Function):
         # Every pair's weight for the backward, which then needs no exp or sqrt; none without one.
         weights = np.empty((len(p) if differentiable else 0, index.shape[1]))
         forward_kernel, _, _ = _kernels()
-        _threads()
+        use_torch_threads()
         with PROFILE.section("kernel_forward"), numba.parallel_chunksize(1):
             forward_kernel(p, slices.numpy(), r, b, index.numpy(), m, c6, cd, c, psf.numpy(), exact,
                            normalized, out, norm, weights, PIXEL_CHUNK)  # fmt: skip
@@ -408,7 +411,7 @@ class _FusedEvaluate(torch.autograd.Function):
         _, backward_kernel, morton_order = _kernels()
         # Visit the pixels near where they are (their slice's rotation left out, a small turn).
         order = morton_order(p + b[slices], ORDER_BITS)
-        threads = _threads()
+        threads = use_torch_threads()
         grad_slices = np.zeros((threads, n_slices if want_slices else 0, SLICE_GRAD_COLUMNS))
         grad_gaussians = np.zeros((threads, n_gaussians if want_gaussians else 0, GAUSSIAN_GRAD_COLUMNS))
         go = grad_out.detach().to(ctx.saved_tensors[0].dtype).contiguous().numpy()
