@@ -18,7 +18,7 @@ from . import kernels
 
 #: Queries per work item (handed to threads dynamically: the machine may be shared).
 QUERY_CHUNK = 1024
-#: Relative slack of the proof, as in the torch search: float rounding must not prove a near-tie.
+#: Relative slack of the proof (here and in the torch search): float rounding must not prove a near-tie.
 PROOF_SLACK = 1e-5
 
 #: The numba module once _compiled() has imported it: this module must import without numba.

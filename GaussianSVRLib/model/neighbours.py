@@ -281,7 +281,7 @@ class _Grid:
             dist, positions = self._chunk(queries[rows] - centres[local], local, centres, *runs, k)
             kth[rows] = dist.max(1).values
             indices[rows] = self.order.take(positions)
-        exact = kth <= self.margins(queries, coords, ring).square() * (1 - 1e-5)
+        exact = kth <= self.margins(queries, coords, ring).square() * (1 - grid_kernel.PROOF_SLACK)
         return indices, exact
 
     def _chunk(
