@@ -3,11 +3,14 @@ cases where the brain is not alone (a synthetic skull, fluid and uterus around t
 sim/surroundings.py), at three weeks of gestation, one (32) never used while tuning.
 
     python bench/bench_resolution.py [--repeats 3] [--cases target,surround-28]
+    python bench/bench_resolution.py --levers [--repeats 3] [--cases target,surround-28]
 
 Per case and reconstruction seed: PSNR / SSIM / NCC inside the brain mask (metrics.evaluate), the
 effective resolution and the PSNR against the truth blurred by it, and PSNR by depth from the mask
 boundary (qa/resolution.py). Writes docs/benchmarks_resolution.md (or --write) and
-bench/output/resolution/.
+bench/output/resolution/. With --levers: the same numbers for each lever of LEVERS (settings changed
+from the standard preset) beside the preset itself, with the change in PSNR and time, in
+docs/benchmarks_resolution_levers.md.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from GaussianSVRLib.sim.surroundings import surround
 
 OUTPUT = ROOT / "bench" / "output" / "resolution"
 SECTION = ROOT / "docs" / "benchmarks_resolution.md"
+LEVERS_SECTION = ROOT / "docs" / "benchmarks_resolution_levers.md"
+#: The levers of issue 11 measured by --levers: name -> settings changed from the standard preset.
+LEVERS = {
+    "standard": {},
+    "K 24": {"k_neighbours": 24},
+    "K 32": {"k_neighbours": 32},
+    "12k Gaussians, K 32": {"n_gaussians": 12000, "k_neighbours": 32},
+}
 #: case -> (atlas stem, with surroundings); every case: 4 stacks, 0.8 mm, 3 mm slices, ±5°/±3 mm.
 CASES = {
     "target": ("SB_GA28_operated", False),
@@ -70,9 +81,9 @@ def simulated(name: str) -> tuple[simulate.SimulationResult, sitk.Image, sitk.Im
     return result, volume, mask
 
 
-def measure(name: str, seed: int, settings: dict) -> dict:
+def measure(name: str, seed: int, settings: dict, lever: str = "") -> dict:
     result, volume, mask = simulated(name)
-    folder = OUTPUT / name / f"seed{seed}"
+    folder = OUTPUT / name / lever.replace(" ", "_") / f"seed{seed}"
     spec = {"preset": "standard", "settings": {**settings, "seed": seed}, "stacks": result.stack_paths,
             "masks": result.mask_paths, "thicknesses": None, "volume": str(folder / "volume.nii.gz"),
             "report": str(folder / "report.json")}  # fmt: skip
@@ -84,7 +95,7 @@ def measure(name: str, seed: int, settings: dict) -> dict:
     loss = loss_analysis(image, volume, mask)
     if seed == 0:
         base.write_montage(
-            image, OUTPUT / name / "montage.png", title=f"{name}: PSNR {quality['psnr']:.1f} dB"
+            image, folder.parent / "montage.png", title=f"{name} {lever}: PSNR {quality['psnr']:.1f} dB"
         )
     return {
         "psnr": quality["psnr"], "ssim": quality["ssim"], "ncc": quality["ncc"],
@@ -93,59 +104,111 @@ def measure(name: str, seed: int, settings: dict) -> dict:
     }  # fmt: skip
 
 
+COLUMNS = ["psnr", "ssim", "ncc", "fwhm", "vs_blurred", *(f"depth {b}" for b in BANDS), "time"]
+DIGITS = {"ssim": 3, "ncc": 3, "fwhm": 2, "time": 0}
+DEFINITIONS = [
+    "- PSNR, SSIM, NCC: `metrics.evaluate` inside the brain mask (rigid alignment, affine intensity fit).",
+    "- FWHM: effective resolution, the FWHM (mm) of the isotropic Gaussian blur of the truth that the "
+    "result matches best inside the mask; the in-plane PSF of 0.8 mm pixels has FWHM 0.96 mm.",
+    "- vs blurred: PSNR (dB) against the truth blurred by that FWHM: what blur does not explain (artifacts).",
+    "- depth a-b: PSNR (dB) of the voxels a to b mm inside the mask boundary.",
+]
+
+
+def medians(name: str, repeats: int, settings: dict, lever: str = "") -> dict:
+    runs = [measure(name, seed, settings, lever) for seed in range(repeats)]
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    print(name, lever, {key: round(value, 3) for key, value in row.items()}, flush=True)
+    return row
+
+
+def table(rows: dict[str, dict], first: str, columns: list[str]) -> list[str]:
+    return [
+        f"| {first} | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(
+            f"| {name} | " + " | ".join(f"{row[c]:.{DIGITS.get(c, 2)}f}" for c in columns) + " |"
+            for name, row in rows.items()
+        ),
+    ]
+
+
+def measured_line(info: dict, started: float, repeats: int) -> str:
+    return (
+        f"Measured {info['date']} at commit {info['commit']} on {info['nproc']} CPUs ({info['cpu']}), load "
+        f"{info['load_start'][0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; bench took "
+        f"{time.perf_counter() - started:.0f} s. Medians of {repeats} reconstructions (seeds 0 to "
+        f"{repeats - 1}) of one simulation per case: 4 stacks, 0.8 mm pixels, 3 mm slices, ±5°/±3 mm per "
+        "slice, 2 % noise."
+    )
+
+
+def levers_section(cases: list[str], repeats: int, settings: dict, info: dict, started: float) -> list[str]:
+    """Every lever of LEVERS on every case; "d psnr" and "time x" against the standard preset."""
+    rows = {}
+    for name in cases:
+        standard = None
+        for lever, changes in LEVERS.items():
+            row = medians(name, repeats, {**settings, **changes}, lever)
+            standard = standard or row
+            row["d psnr"] = row["psnr"] - standard["psnr"]
+            row["time x"] = row["time"] / standard["time"]
+            rows[f"{name}, {lever}"] = row
+    return [
+        *base.section_heading("Levers for sharpness and artifacts (issue 11)", False, ""),
+        measured_line(info, started, repeats) + " Each lever changes the standard preset as named "
+        "(`LEVERS` in `bench/bench_resolution.py`); `d psnr` and `time x` are against the preset's row "
+        "of the same case, measured in the same run.",
+        "",
+        *DEFINITIONS,
+        "",
+        *table(rows, "case, lever", ["psnr", "d psnr", "ssim", "fwhm", "vs_blurred", "depth 0-1.6", "time",
+                                     "time x"]),
+    ]  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--write", type=Path, default=SECTION)
+    parser.add_argument(
+        "--cases", default=None, help="default: every case, or target,surround-28 with --levers"
+    )
+    parser.add_argument("--levers", action="store_true", help="measure the levers of LEVERS")
+    parser.add_argument("--write", type=Path, default=None)
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: the target case, once, 10 iterations"
     )
     args = parser.parse_args()
     settings = {"iterations": base.QUICK_ITERATIONS} if args.quick else {}
+    cases = args.cases or ("target,surround-28" if args.levers else ",".join(CASES))
     if args.quick:
-        args.cases, args.repeats = "target", 1
+        cases, args.repeats = "target", 1
     started, info = time.perf_counter(), base.machine(os.getloadavg())
-    rows = {}
-    for name in args.cases.split(","):
-        runs = [measure(name, seed, settings) for seed in range(args.repeats)]
-        rows[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        print(name, {key: round(value, 3) for key, value in rows[name].items()}, flush=True)
-    columns = ["psnr", "ssim", "ncc", "fwhm", "vs_blurred", *(f"depth {b}" for b in BANDS), "time"]
-    digits = {"ssim": 3, "ncc": 3, "fwhm": 2, "time": 0}
-    lines = [
-        *base.section_heading(
-            "Blur or artifacts: effective resolution and PSNR by depth (issue 11)", False, ""
-        ),
-        f"Measured {info['date']} at commit {info['commit']} on {info['nproc']} CPUs ({info['cpu']}), load "
-        f"{info['load_start'][0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; bench took "
-        f"{time.perf_counter() - started:.0f} s. Medians of {args.repeats} reconstructions (seeds 0 to "
-        f"{args.repeats - 1}, preset `standard`) of one simulation per case: 4 stacks, 0.8 mm pixels, 3 mm "
-        "slices, ±5°/±3 mm per slice, 2 % noise. `target`: the atlas on a black background (today's target "
-        "case); `surround-*`: the same atlas week with a synthetic skull, scalp, amniotic fluid and uterus "
-        "outside its brain mask (`GaussianSVRLib/sim/surroundings.py`; week 32 was never used while "
-        "tuning). The reconstruction gets the true brain masks.",
-        "",
-        "- PSNR, SSIM, NCC: `metrics.evaluate` inside the brain mask (rigid alignment, affine intensity "
-        "fit).",
-        "- FWHM: effective resolution, the FWHM (mm) of the isotropic Gaussian blur of the truth that the "
-        "result matches best inside the mask; the in-plane PSF of 0.8 mm pixels has FWHM 0.96 mm.",
-        "- vs blurred: PSNR (dB) against the truth blurred by that FWHM: what blur does not explain "
-        "(artifacts).",
-        "- depth a-b: PSNR (dB) of the voxels a to b mm inside the mask boundary.",
-        "",
-        "| case | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-        *(
-            f"| {name} | " + " | ".join(f"{row[c]:.{digits.get(c, 2)}f}" for c in columns) + " |"
-            for name, row in rows.items()
-        ),
-        "",
-        "Montages (seed 0): `bench/output/resolution/<case>/montage.png`.",
-    ]
-    args.write.parent.mkdir(parents=True, exist_ok=True)
-    args.write.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.write}")
+    if args.levers:
+        lines = levers_section(cases.split(","), args.repeats, settings, info, started)
+        write = args.write or LEVERS_SECTION
+    else:
+        rows = {name: medians(name, args.repeats, settings) for name in cases.split(",")}
+        lines = [
+            *base.section_heading(
+                "Blur or artifacts: effective resolution and PSNR by depth (issue 11)", False, ""
+            ),
+            measured_line(info, started, args.repeats) + " Preset `standard`. `target`: the atlas on a "
+            "black background (today's target case); `surround-*`: the same atlas week with a synthetic "
+            "skull, scalp, amniotic fluid and uterus outside its brain mask "
+            "(`GaussianSVRLib/sim/surroundings.py`; week 32 was never used while tuning). The "
+            "reconstruction gets the true brain masks.",
+            "",
+            *DEFINITIONS,
+            "",
+            *table(rows, "case", COLUMNS),
+            "",
+            "Montages (seed 0): `bench/output/resolution/<case>/montage.png`.",
+        ]
+        write = args.write or SECTION
+    write.parent.mkdir(parents=True, exist_ok=True)
+    write.write_text("\n".join(lines) + "\n")
+    print(f"wrote {write}")
     return 0
 
 

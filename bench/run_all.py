@@ -34,6 +34,7 @@ SCRIPTS = (
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
     ("resolution", "bench_resolution.py", []),
+    ("resolution_levers", "bench_resolution.py", ["--levers"]),
     ("brain_search", "bench_brain_search.py", []),
     ("motion_prior", "bench_motion_prior.py", ["--repeats", "3"]),
     ("real", "bench_real.py", []),
@@ -166,7 +167,9 @@ def main() -> int:
             if not (BENCH / script).exists():
                 print(f"\n=== {script}: not present, skipped", flush=True)
                 continue
-            flags = ["--quick"] if args.quick else list(full_flags)
+            # --levers says what bench_resolution measures, not how long: the smoke test keeps it.
+            kept = [flag for flag in full_flags if flag == "--levers"]
+            flags = ["--quick", *kept] if args.quick else list(full_flags)
             if args.repeats is not None:
                 flags += ["--repeats", str(args.repeats)]
             flags += ["--write", str(section_path(folder, name))]
