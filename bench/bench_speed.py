@@ -1,7 +1,8 @@
 """Speed of a standard run (issue 12): where the time goes, by stage and within the optimizer, for
 this tree and a baseline commit measured in the same run.
 
-    python bench/bench_speed.py [--baseline 45d0b1e] [--repeats 3] [--quick] [--write docs/...]
+    python bench/bench_speed.py [--baseline 45d0b1e] [--repeats 3] [--quick] [--device cuda]
+                                [--write docs/...]
 
 The case is bench_reconstruction's ``target`` (GA28 atlas, 4 stacks, 0.8 mm pixels, 3 mm slices,
 ±5°/±3 mm). Each run is the command line ``gaussiansvr reconstruct`` in a fresh process, with the
@@ -11,7 +12,8 @@ Every version first runs once with 2 iterations so that numba's compile cache is
 optimizer times come from each run's report (``timings``); wall: the whole process; peak memory:
 its max RSS; first preview: from the "started" to the first "checkpoint" message on the progress
 protocol (``--progress json``), previews on as in the Slicer module. Writes
-docs/benchmarks_speed.md (or --write).
+docs/benchmarks_speed.md (or --write). ``--device`` passes the device to every run (bench/gpu_check.sh
+measures CUDA so); the section names it (the GPU's model for CUDA).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_reconstruction as base
 import SimpleITK as sitk
 
+from GaussianSVRLib.devices import DEVICES
+
 ROOT = base.ROOT
 OUTPUT = base.OUTPUT / "speed"
 SECTION = ROOT / "docs" / "benchmarks_speed.md"
@@ -47,6 +51,14 @@ def tree_of(revision: str | None) -> Path:
     if not tree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
     return tree
+
+
+def device_name(device: str) -> str:
+    """What the runs computed on: "cpu", or the GPU's model for CUDA (auto: what torch sees)."""
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"
 
 
 def slug(name: str) -> str:
@@ -85,8 +97,8 @@ def run(
             "report": json.loads(report.read_text())}  # fmt: skip
 
 
-def measure(name: str, tree: Path, data: base.CaseData, seed: int) -> dict:
-    record = run(tree, data, OUTPUT / slug(name) / f"seed{seed}", seed, None)
+def measure(name: str, tree: Path, data: base.CaseData, seed: int, extra: tuple = ()) -> dict:
+    record = run(tree, data, OUTPUT / slug(name) / f"seed{seed}", seed, None, extra)
     timings = record["report"]["timings"]
     row = {"wall": record["wall"], "peak memory (GB)": record["peak_gb"]}
     if record["first_preview"] is not None:
@@ -112,7 +124,8 @@ def section(results: dict) -> str:
     lines += [
         f"Measured {info['date']} at commit {info['commit']}"
         f"{' with uncommitted changes' if info['uncommitted_changes'] else ''} on {info['nproc']} CPUs "
-        f"({info['cpu']}), torch {info['torch']}; load {info['load_start'][0]:.2f} at the start and "
+        f"({info['cpu']}), device {results.get('device', 'cpu')}, torch {info['torch']}; load "
+        f"{info['load_start'][0]:.2f} at the start and "
         f"{results['load_end'][0]:.2f} at the end; bench {results['bench_s']:.0f} s. Case `target` "
         f"(GA28, 4 stacks, ±5°/±3 mm), preset standard, previews on (`--preview-dir`), "
         f"medians of {results['repeats']} runs "
@@ -196,7 +209,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--write", type=Path, default=SECTION)
     parser.add_argument("--scaling", action="store_true", help="also the scaling table (8 single runs)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="the runs' --device")
     args = parser.parse_args()
+    extra = ("--device", args.device)
     if args.quick:
         args.repeats = 1
     started, info = time.perf_counter(), base.machine(os.getloadavg())
@@ -205,12 +220,13 @@ def main() -> int:
     if args.baseline:
         trees = {f"baseline {args.baseline}": tree_of(args.baseline), **trees}
     for name, tree in trees.items():
-        run(tree, data, OUTPUT / slug(name) / "warm-up", 0, 2)
+        run(tree, data, OUTPUT / slug(name) / "warm-up", 0, 2, extra)
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for seed in range(args.repeats):
         for name, tree in trees.items():
-            runs[name].append(measure(name, tree, data, seed))
-    results = {"machine": info, "quick": args.quick, "repeats": args.repeats, "runs": runs}
+            runs[name].append(measure(name, tree, data, seed, extra))
+    results = {"machine": info, "quick": args.quick, "repeats": args.repeats, "runs": runs,
+               "device": device_name(args.device)}  # fmt: skip
     if args.scaling:
         results["scaling"] = scaling(ROOT)
     results.update(load_end=os.getloadavg(), bench_s=time.perf_counter() - started)
