@@ -113,7 +113,7 @@ class Settings:
         35.0, "Gaussians per ml of brain when n_gaussians is 0", limits=POSITIVE, plausible=Range(5, 200)
     )
     k_neighbours: int = option(
-        16,
+        24,
         "Gaussians evaluated for each slice pixel; more is more exact near edges, time and memory grow "
         "linearly with it",
         flag="--k-neighbours",
@@ -325,7 +325,7 @@ class Settings:
 PRESETS: dict[PresetName, dict[str, object]] = {
     "preview": {"k_neighbours": 12, "iterations": 150},
     "standard": {},
-    "high": {"k_neighbours": 24, "iterations": 800, "gaussians_per_ml": 50.0},
+    "high": {"k_neighbours": 32, "iterations": 800, "gaussians_per_ml": 50.0},
 }
 
 
