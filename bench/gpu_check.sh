@@ -2,7 +2,7 @@
 # The GPU check (issue 12), for a CUDA machine, in about 5-8 minutes: installs the engine beside the
 # machine's own CUDA build of torch, runs the device tests (Testing/test_device.py) on CUDA, then the
 # target case end to end three times (bench/bench_speed.py --device cuda), and prints the time per
-# stage, the peak memory and the PSNR. The table goes to docs/benchmarks_gpu.md.
+# stage, the peak memory and the PSNR. The table goes to docs/benchmarks_gpu.md (a dry run's to bench/output/).
 #
 #   bench/gpu_check.sh [WHEELHOUSE]
 #
@@ -44,4 +44,7 @@ if [[ $device == cuda ]]; then
          "$python" -m pip install -q "${source_args[@]}" faiss-cpu; }
 fi
 GAUSSIANSVR_TEST_DEVICE=$device "$python" -m pytest -q -p no:cacheprovider Testing/test_device.py
-"$python" bench/bench_speed.py --device "$device" --repeats "$repeats" --write docs/benchmarks_gpu.md
+# Only a CUDA run is a GPU measurement: a dry run's table stays out of docs/.
+table=docs/benchmarks_gpu.md
+[[ $device == cuda ]] || table=bench/output/gpu_check_$device.md
+"$python" bench/bench_speed.py --device "$device" --repeats "$repeats" --write "$table"
