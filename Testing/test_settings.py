@@ -61,7 +61,7 @@ def test_values_outside_the_limits_are_refused_naming_the_flag(name):
 def test_unusual_values_warn_and_contradictions_are_refused():
     warnings = check(Settings().updated(output_resolution=8.0, k_neighbours=100))
     assert len(warnings) == 2 and "--output-resolution 8 mm is unusual" in warnings[1]
-    with pytest.raises(InputError, match="fewer than the 16"):
+    with pytest.raises(InputError, match=f"fewer than the {Settings().k_neighbours}"):
         check(Settings().updated(n_gaussians=10))
     with pytest.raises(InputError, match="an integer"):
         check(Settings().updated(iterations=10.5))

@@ -37,6 +37,7 @@ import torch
 
 from GaussianSVRLib.cli import EXIT_INPUT_ERROR
 from GaussianSVRLib.io.progress import decode
+from GaussianSVRLib.settings import Settings
 from GaussianSVRLib.sim.simulate import SimulationResult
 
 #: Whole processes end to end: left out of the quick loop (make test-quick).
@@ -844,7 +845,9 @@ CASES: dict[str, Builder] = {
     "folder given as a mask": mask_is_folder,
     "absurd sidecar thickness": sidecar_thickness_absurd,
     "thickness 1e6 mm": bad_setting("--thicknesses", "1e6", "must be in (0, 30] mm"),
-    "n-gaussians below k": bad_setting("--n-gaussians", "4", "fewer than the 16", json=True),
+    "n-gaussians below k": bad_setting(
+        "--n-gaussians", "4", f"fewer than the {Settings().k_neighbours}", json=True
+    ),
     "n-gaussians 1e9": bad_setting("--n-gaussians", "1000000000", "between 0 and"),
     "resolution 1e-300": bad_setting("--output-resolution", "1e-300", "between 0.05 and 20", json=True),
     "resolution 50 mm": bad_setting("--output-resolution", "50", "between 0.05 and 20"),
