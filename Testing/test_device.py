@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import SimpleITK as sitk
 import torch
+from testkit import random_covariances
 
 from GaussianSVRLib.model import forward
 from GaussianSVRLib.model.neighbours import choose_backend, knn
@@ -45,19 +46,12 @@ def as_the_device() -> Iterator[None]:
             os.environ["GAUSSIANSVR_KERNEL"] = before
 
 
-def covariances(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    """(n, 3, 3) R diag(s^2) R^T with s uniform in [low, high] mm and R random."""
-    rotation, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator, dtype=torch.float64))
-    scales = low + (high - low) * torch.rand(n, 3, generator=generator, dtype=torch.float64)
-    return (rotation * scales[:, None, :] ** 2) @ rotation.transpose(1, 2)
-
-
 def slice_problem(n_pixels: int = 2000, n_gaussians: int = 300, n_slices: int = 12, k: int = 16) -> dict:
     """float32 inputs of forward.evaluate_slices on the CPU: Gaussians in a 20 mm box, pixels of turned
     slices through it, each pixel's neighbours by brute force."""
     generator = torch.Generator().manual_seed(5)
     means = 20.0 * torch.rand(n_gaussians, 3, generator=generator, dtype=torch.float64)
-    cov = covariances(n_gaussians, 0.6, 2.0, generator)
+    cov = random_covariances(n_gaussians, 0.6, 2.0, generator)
     positions = 20.0 * torch.rand(n_pixels, 3, generator=generator, dtype=torch.float64) - 10.0
     slice_id = torch.randint(0, n_slices, (n_pixels,), generator=generator)
     rotations = rotvec_to_matrix(0.3 * torch.randn(n_slices, 3, generator=generator, dtype=torch.float64))
@@ -68,7 +62,7 @@ def slice_problem(n_pixels: int = 2000, n_gaussians: int = 300, n_slices: int = 
         "positions": positions, "slice_id": slice_id, "rotations": rotations, "offsets": offsets,
         "neighbours": neighbours, "means": means, "cov6": to_sym6(cov), "cov_det": torch.linalg.det(cov),
         "intensities": torch.rand(n_gaussians, generator=generator, dtype=torch.float64),
-        "psf6": to_sym6(covariances(n_slices, 0.3, 1.3, generator)),
+        "psf6": to_sym6(random_covariances(n_slices, 0.3, 1.3, generator)),
     }  # fmt: skip
     return {name: t.float() if t.is_floating_point() else t for name, t in inputs.items()}
 

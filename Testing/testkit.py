@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from scipy.spatial.transform import Rotation
 
 from GaussianSVRLib.geometry import apply_affine, image_affine
@@ -74,3 +75,10 @@ def rigid(rotation: np.ndarray, pivot: np.ndarray, shift: np.ndarray) -> np.ndar
     matrix[:3, :3] = rotation
     matrix[:3, 3] = pivot + shift - rotation @ pivot
     return matrix
+
+
+def random_covariances(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    """(n, 3, 3) float64 R diag(s^2) R^T with s uniform in [low, high] and R random."""
+    rotation, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator, dtype=torch.float64))
+    scales = low + (high - low) * torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    return (rotation * scales[:, None, :] ** 2) @ rotation.transpose(1, 2)

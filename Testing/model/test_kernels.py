@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("numba")
 
+from testkit import random_covariances
+
 from GaussianSVRLib.model import forward, kernels  # noqa: E402
 from GaussianSVRLib.model.motion import SliceMotion
 from GaussianSVRLib.model.psf import from_sym6, to_sym6
@@ -17,13 +19,6 @@ from GaussianSVRLib.model.rotations import rotvec_to_matrix
 
 MODES = ("exact", "normalized", "none")
 INPUT_NAMES = ("points", "neighbours", "means", "cov6", "cov_det", "intensities", "psf6")
-
-
-def random_covariances(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    """(n, 3, 3) float64 R diag(s^2) R^T with s uniform in [low, high] and R random."""
-    rotation, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=generator, dtype=torch.float64))
-    scales = low + (high - low) * torch.rand(n, 3, generator=generator, dtype=torch.float64)
-    return (rotation * scales[:, None, :] ** 2) @ rotation.transpose(1, 2)
 
 
 def make_inputs(n_points: int = 64, k: int = 8, n_gaussians: int = 40, seed: int = 0) -> list:
