@@ -30,6 +30,7 @@ QUICK_DOCS = BENCH / "output" / "quick"
 SCRIPTS = (
     ("neighbours", "bench_neighbours.py", ["--memory"]),
     ("forward", "bench_forward.py", []),
+    ("roofline", "bench_roofline.py", ["--repeats", "7"]),
     ("speed", "bench_speed.py", []),
     ("reconstruction", "bench_reconstruction.py", []),
     ("robustness", "bench_robustness.py", []),
