@@ -20,6 +20,7 @@ from .export.paths import OUTPUT_KINDS, Outputs
 from .export.report import build_report
 from .export.results import Reconstruction, write_results
 from .export.standard_space import in_standard_space
+from .export.support import StackSlices, carried_stacks
 from .fit.bias import correct_bias
 from .fit.initialize import Problem, data_stages, initial_models, prepare
 from .fit.mask_propagation import has_mask, prepare_masks
@@ -171,6 +172,16 @@ def start_fit(problem: Problem, settings: Settings, outputs: Outputs, device: to
     return Fit(problem, field_, motion, previews)
 
 
+def output_brain(
+    problem: Problem, state: Snapshot, quality: SliceQuality, settings: Settings
+) -> list[StackSlices] | None:
+    """The stacks, their kept slices carried into the output frame, whose agreed brain the volume is
+    cut to (export/support.py); None when the settings keep the whole grid."""
+    if not settings.cut_to_brain:
+        return None
+    return carried_stacks(problem.stacks, problem.slices, state.rotvec, state.translation, ~quality.excluded)
+
+
 def report_of(
     fit: Fit, state: Snapshot, settings: Settings, device: torch.device, run: Run, cancelled: bool
 ) -> dict:
@@ -279,12 +290,15 @@ def reconstruct(
             with run.stage("render"):
                 fit.previews.at_end(settings.iterations * (1 + len(refits)))
                 state = snapshot(problem, fit.field, fit.motion)
+                brain = output_brain(problem, state, fit.quality, settings)
                 if settings.output_space == "scanner":
-                    image = volume_image(state, problem.grid_affine, problem.grid_shape, settings, device)
+                    image = volume_image(
+                        state, problem.grid_affine, problem.grid_shape, settings, device, brain
+                    )
             space = None
             if settings.output_space == "atlas":
                 with run.stage("standard_space"):
-                    image, space = in_standard_space(state, problem, settings, device)
+                    image, space = in_standard_space(state, problem, settings, device, brain)
                 if space.ambiguous:
                     run.warn(
                         f"the orientation in standard space is uncertain: a turned brain fits the atlas "

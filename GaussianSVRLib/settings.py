@@ -241,6 +241,12 @@ class Settings:
         unit="mm",
         metavar="MM",
     )
+    cut_to_brain: bool = option(
+        True,
+        "write the volume as zero outside the brain most stacks' masks agree on (each slice carried by "
+        "its fitted motion; see export/support.py): the Gaussians are not fitted there",
+        flag="--no-cut-to-brain",
+    )
     bias_correction: BiasCorrection = option(
         "n4",
         "n4: SimpleITK N4 bias-field correction of each stack inside its mask before fitting (measured to "

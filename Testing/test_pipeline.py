@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from GaussianSVRLib.export.support import SUPPORT_MARGIN_MM
 from GaussianSVRLib.io.roi import box_from_corners
 from GaussianSVRLib.io.stacks import read_stack, world_box
 from GaussianSVRLib.pipeline import Outputs, reconstruct
@@ -117,6 +119,18 @@ def test_output_overlays_the_ground_truth_without_registration(reconstruction, p
     unaligned = evaluate(reconstruction.volume, volume, mask, align=False)
     aligned = evaluate(reconstruction.volume, volume, mask, align=True)
     assert unaligned["psnr"] > aligned["psnr"] - 1.0
+
+
+def test_the_volume_is_cut_to_the_brain(reconstruction, phantom):
+    volume, mask = phantom
+    on_output = sitk.Resample(mask, reconstruction.volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    brain = sitk.GetArrayFromImage(on_output) > 0
+    spacing = reconstruction.volume.GetSpacing()[::-1]
+    distance = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    ours = sitk.GetArrayFromImage(reconstruction.volume)
+    # Beyond the margin (and a slice of slack for the thick-slice masks), nothing; inside, the brain.
+    assert (ours[distance > SUPPORT_MARGIN_MM + 2.4] == 0).all()
+    assert (ours[ndimage.binary_erosion(brain, iterations=2)] > 0).mean() > 0.99
 
 
 def test_outputs_are_written_with_geometry(reconstruction):

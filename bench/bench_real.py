@@ -86,12 +86,19 @@ def slice_normal(run: int) -> str:
 # The reference, its evaluation mask and the quality of a reconstruction against it.
 
 
+def reference_support(reference: sitk.Image) -> np.ndarray:
+    """The reference's support [k, j, i]: voxels above SUPPORT_FRACTION of its 99th percentile, holes
+    filled."""
+    array = sitk.GetArrayFromImage(reference)
+    p99 = np.percentile(array[array > 0], 99)
+    return ndimage.binary_fill_holes(array > SUPPORT_FRACTION * p99)
+
+
 def reference_masks(reference: sitk.Image) -> tuple[sitk.Image, sitk.Image, list[dict[str, float]]]:
     """The evaluation mask (support eroded by EVALUATION_EROSION_MM), the previous benchmark's
     thresholded mask, and the reference's mean intensity per shell of depth inside its support."""
     array = sitk.GetArrayFromImage(reference)
-    p99 = np.percentile(array[array > 0], 99)
-    support = ndimage.binary_fill_holes(array > SUPPORT_FRACTION * p99)
+    support = reference_support(reference)
     depth = ndimage.distance_transform_edt(support, sampling=reference.GetSpacing()[::-1])
     mask = depth > EVALUATION_EROSION_MM
     profile = []

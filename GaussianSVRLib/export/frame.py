@@ -20,6 +20,7 @@ from ..model.gaussians import GaussianField, transform_state
 from ..model.motion import SliceMotion, compose_rigid
 from ..model.volume import render
 from ..settings import Settings
+from .support import StackSlices, voted_brain
 
 #: Preview volumes are rendered this much coarser than the output.
 PREVIEW_COARSENING = 2.0
@@ -100,10 +101,15 @@ def continuation(problem: Problem, state: Snapshot) -> dict[str, np.ndarray]:
 
 
 def volume_image(
-    state: Snapshot, affine: np.ndarray, shape: tuple[int, int, int], settings: Settings, device: torch.device
+    state: Snapshot,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    settings: Settings,
+    device: torch.device,
+    brain: list[StackSlices] | None = None,
 ) -> sitk.Image:
     """The Gaussians sampled on a grid (voxel -> LPS affine (4, 4), shape (nk, nj, ni)) on the device,
-    negatives clipped."""
+    negatives clipped; with ``brain``, zero outside the brain those stacks agree on (support.py)."""
 
     def tensor(array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
@@ -118,6 +124,8 @@ def volume_image(
         settings.neighbour_backend,
         normalized=settings.psf_mode == "normalized",
     )
+    if brain is not None:
+        array *= voted_brain(affine, shape, brain, device)
     return set_image_geometry(sitk.GetImageFromArray(np.clip(array, 0, None)), affine)
 
 

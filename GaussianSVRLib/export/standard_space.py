@@ -19,6 +19,7 @@ from ..fit.initialize import Problem
 from ..geometry import image_affine, set_image_geometry
 from ..settings import Settings
 from .frame import Snapshot, preview_grid, volume_image
+from .support import StackSlices
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,14 @@ def standard_grid(
 
 
 def in_standard_space(
-    state: Snapshot, problem: Problem, settings: Settings, device: torch.device
+    state: Snapshot,
+    problem: Problem,
+    settings: Settings,
+    device: torch.device,
+    brain: list[StackSlices] | None = None,
 ) -> tuple[sitk.Image, StandardSpace]:
-    """The Gaussians sampled in the atlas frame of their age, and where that frame lies.
+    """The Gaussians sampled in the atlas frame of their age (cut to ``brain`` as volume_image does),
+    and where that frame lies.
 
     The registration sees them on the coarse preview grid (the atlases are 1.6 mm); only the
     standard-space grid is sampled at the output resolution.
@@ -56,7 +62,7 @@ def in_standard_space(
     scanner_volume = volume_image(state, *preview_grid(problem), settings, device)
     space = standard_space(scanner_volume, settings.gestational_age)
     affine, shape = standard_grid(scanner_volume, space, settings.output_resolution)
-    image = volume_image(state, space.fit.matrix() @ affine, shape, settings, device)
+    image = volume_image(state, space.fit.matrix() @ affine, shape, settings, device, brain)
     source = "estimated" if space.week_estimated else "given"
     log.info(
         "standard space: atlas week %d (%s age %.1f weeks, brain %.0f ml), correlation %.2f",

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage, optimize
 
 from .metrics import Compared, compare, fit_intensity
+from .specks import bright_outside
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: The blurs searched (mm of FWHM), and how closely the best is found.
@@ -88,11 +89,14 @@ def psnr_by_depth(compared: Compared) -> dict[str, float]:
 def loss_analysis(
     reconstruction: sitk.Image, reference: sitk.Image, mask: sitk.Image, *, align: bool = True
 ) -> dict[str, Any]:
-    """effective_fwhm_mm, psnr_vs_blurred (dB) and psnr_by_depth (dB by band) of a reconstruction."""
+    """effective_fwhm_mm, psnr_vs_blurred (dB), psnr_by_depth (dB by band) and bright_outside (the
+    specks of specks.py, voxels of the reference's grid) of a reconstruction."""
     compared = compare(reconstruction, reference, mask, align=align)
     fwhm, against_blurred = effective_resolution(compared)
+    spacing = compared.grid.GetSpacing()[::-1]
     return {
         "effective_fwhm_mm": fwhm,
         "psnr_vs_blurred": against_blurred,
         "psnr_by_depth": psnr_by_depth(compared),
+        "bright_outside": bright_outside(compared.x, compared.inside, spacing),
     }
