@@ -113,6 +113,7 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
     engine_setting("coarseToFine", "coarse_to_fine"),
     engine_setting("poseSearch", "pose_search"),
     engine_setting("maskDilation", "mask_dilation_mm", decimals=1),
+    engine_setting("cutToBrain", "cut_to_brain"),
     engine_setting("biasCorrection", "bias_correction"),
     engine_setting("device", "device"),
     engine_setting("previewInterval", "checkpoint_interval_s", decimals=1, ui_range=(1.0, 600.0)),

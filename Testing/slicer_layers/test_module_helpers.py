@@ -52,6 +52,7 @@ def test_the_engine_parses_the_command_into_the_chosen_settings(tmp_path):
     settings.update(
         poseSearch=False,
         maskDilation=2.5,
+        cutToBrain=False,
         biasCorrection=params.BiasCorrection.NONE,
         coarseToFine=False,
         device=params.Device.CPU,
@@ -63,6 +64,7 @@ def test_the_engine_parses_the_command_into_the_chosen_settings(tmp_path):
     parsed = cli.parser().parse_args(args[3:])
     engine = cli.settings_from(parsed)
     assert (engine.pose_search, engine.mask_dilation_mm, engine.bias_correction) == (False, 2.5, "none")
+    assert engine.cut_to_brain is False
     assert (engine.coarse_to_fine, engine.device, engine.seed) == (False, "cpu", 7)
     assert engine.init_gaussians == str(tmp_path / "last.npz")
     assert parsed.output_qc == str(run_files.qc) and run_files.qc.name == "Brain_01_qc.png"
@@ -74,6 +76,7 @@ def test_the_engine_parses_the_command_into_the_chosen_settings(tmp_path):
         )
     )
     assert (defaults.pose_search, defaults.mask_dilation_mm, defaults.bias_correction) == (True, 0.0, "n4")
+    assert defaults.cut_to_brain is True
     assert defaults.init_gaussians is None
 
 
