@@ -39,6 +39,7 @@ SCRIPTS = (
     ("brain_search", "bench_brain_search.py", []),
     ("motion_prior", "bench_motion_prior.py", ["--repeats", "3"]),
     ("real", "bench_real.py", []),
+    ("specks", "bench_specks.py", []),
     ("cohort", "bench_cohort.py", []),
 )
 

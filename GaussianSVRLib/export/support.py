@@ -22,6 +22,10 @@ from ..io.stacks import Stack
 #: Kept around the voted brain (mm): the stacks' masks are thick-slice masks, blocky by a slice,
 #: and the bright CSF at the brain's edge belongs to the image.
 SUPPORT_MARGIN_MM = 1.6
+#: Beyond the margin the cut fades from 1 to 0 over this width (mm): a hard cut through thick-slice
+#: masks leaves a staircase rim. Not inside the margin: the vote of thick-slice masks can fall short
+#: of the brain by half a slice.
+EDGE_FADE_MM = 1.2
 #: Output voxels mapped per chunk.
 CHUNK = 1 << 18
 
@@ -89,8 +93,9 @@ def votes(points: torch.Tensor, carried: StackSlices) -> tuple[torch.Tensor, tor
 def voted_brain(
     affine: np.ndarray, shape: tuple[int, int, int], carried: list[StackSlices], device: torch.device
 ) -> np.ndarray:
-    """The voxels [k, j, i] of a grid (voxel -> LPS (4, 4)) that at least half the stacks seeing them
-    have inside their masks, holes filled, grown by SUPPORT_MARGIN_MM."""
+    """Weights (float32 [k, j, i] in [0, 1]) of the voxels of a grid (voxel -> LPS (4, 4)): 1 where at
+    least half the stacks seeing a voxel have it inside their masks (holes filled) and up to
+    SUPPORT_MARGIN_MM outside that brain, fading to 0 over EDGE_FADE_MM beyond."""
     nk, nj, ni = shape
     seen = torch.zeros(nk * nj * ni, dtype=torch.int32, device=device)
     inside = torch.zeros_like(seen)
@@ -107,7 +112,8 @@ def voted_brain(
     brain = ((2 * inside >= seen) & (seen > 0)).reshape(shape).cpu().numpy()
     brain = ndimage.binary_fill_holes(brain)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)[::-1]
-    return ndimage.distance_transform_edt(~brain, sampling=spacing) <= SUPPORT_MARGIN_MM
+    distance = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    return np.clip(1.0 + (SUPPORT_MARGIN_MM - distance) / EDGE_FADE_MM, 0.0, 1.0).astype(np.float32)
 
 
 def carried_stacks(

@@ -7,7 +7,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from GaussianSVRLib.export.support import SUPPORT_MARGIN_MM, carried_stacks, stack_slices, voted_brain
+from GaussianSVRLib.export.support import (
+    EDGE_FADE_MM,
+    SUPPORT_MARGIN_MM,
+    carried_stacks,
+    stack_slices,
+    voted_brain,
+)
 from GaussianSVRLib.geometry import apply_affine, matrix_to_rotvec
 from GaussianSVRLib.io.slices import extract_slices
 from GaussianSVRLib.io.stacks import Stack
@@ -76,7 +82,7 @@ def test_the_brain_is_what_most_masks_hold_not_one_generous_stroke():
     assert brain[inner].all()
     # The blob, held by one mask of three, is left out; so is everything beyond the margin.
     assert not brain[np.linalg.norm(points - np.array([0.0, 0.0, 18.0]), axis=-1) < 3.0].any()
-    outer = ((points / (SEMI_AXES + SUPPORT_MARGIN_MM + 2.5)) ** 2).sum(-1) > 1.0
+    outer = ((points / (SEMI_AXES + SUPPORT_MARGIN_MM + EDGE_FADE_MM + 2.5)) ** 2).sum(-1) > 1.0
     assert not brain[outer].any()
 
 
@@ -119,7 +125,7 @@ def test_a_voxel_no_stack_sees_is_not_brain():
     stacks = [make_stack(direction, shape=(6, 64, 64)) for direction in ORIENTATIONS]
     brain, points = brain_of(stacks)
     # Each stack covers 18 mm across its slices; beyond every stack's slabs nothing is seen.
-    assert not brain[np.abs(points).min(-1) > 9.0 + SUPPORT_MARGIN_MM + 0.5].any()
+    assert not brain[np.abs(points).min(-1) > 9.0 + SUPPORT_MARGIN_MM + EDGE_FADE_MM + 0.5].any()
     assert brain[np.linalg.norm(points, axis=-1) < 5.0].all()
 
 
@@ -133,5 +139,10 @@ def test_the_margin_is_in_millimetres(spacing):
     brain = voted_brain(affine, shape, carried, torch.device("cpu"))
     volume_ml = brain.sum() * spacing**3 / 1000.0
     ellipsoid_ml = 4.0 / 3.0 * np.pi * np.prod(SEMI_AXES) / 1000.0
-    grown_ml = 4.0 / 3.0 * np.pi * np.prod(SEMI_AXES + SUPPORT_MARGIN_MM) / 1000.0
+    grown_ml = 4.0 / 3.0 * np.pi * np.prod(SEMI_AXES + SUPPORT_MARGIN_MM + EDGE_FADE_MM / 2) / 1000.0
     assert ellipsoid_ml * 0.95 < volume_ml < grown_ml * 1.1
+    # Along the long (L-R) axis out of the brain the weight falls from 1 to 0, through values between
+    # on a grid finer than the fade.
+    weights = brain[(np.abs(points[..., 1:]).max(-1) < spacing / 2) & (points[..., 0] > 0)]
+    assert weights[0] == 1 and weights[-1] == 0 and np.all(np.diff(weights) <= 0)
+    assert ((weights > 0) & (weights < 1)).any() or spacing >= EDGE_FADE_MM
