@@ -232,6 +232,12 @@ class Settings:
     prealign: bool = option(
         True, "register every stack rigidly to the reference stack before fitting", flag="--no-prealign"
     )
+    atlas_prealign: bool = option(
+        True,
+        "check each stack's registration against its orientation on the bundled atlas, found from any "
+        "start, and register it from there when the atlas puts it elsewhere (stacks turned far apart)",
+        flag="--no-atlas-prealign",
+    )
     mask_dilation_mm: float = option(
         0.0,
         "grow every mask by this margin, for masks that cut a little brain",

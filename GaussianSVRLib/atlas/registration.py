@@ -164,16 +164,19 @@ class Comparison:
         once would take a gigabyte.
         """
         local = self.points - fit.atlas_centre
-        linear = (scales * fit.scale)[:, None, None] * (rotations @ fit.rotation)
-        centres = fit.volume_centre + shifts
-        scores = np.empty(len(linear))
-        for start in range(0, len(linear), SCORE_CHUNK):
+        # Placements go straight to the volume's (k, j, i) indices, all of a chunk in one matrix product.
+        to_index = np.linalg.inv(self.affine[:3, :3])[::-1]
+        maps = to_index @ ((scales * fit.scale)[:, None, None] * (rotations @ fit.rotation))
+        offsets = (fit.volume_centre + shifts - self.affine[:3, 3]) @ to_index.T
+        scores = np.empty(len(maps))
+        for start in range(0, len(maps), SCORE_CHUNK):
             part = slice(start, start + SCORE_CHUNK)
-            placed = np.einsum("mij,nj->mni", linear[part], local) + centres[part, None, :]
-            samples = sampled(self.volume, self.affine, placed)
-            samples -= samples.mean(axis=1, keepdims=True)
-            norms = np.linalg.norm(samples, axis=1) * np.sqrt(self.values.size) + 1e-12
-            scores[part] = (samples @ self.values) / norms
+            count = len(maps[part])
+            index = (local @ maps[part].reshape(-1, 3).T).reshape(len(local), count, 3) + offsets[part]
+            samples = interpolation.linear(self.volume, index.reshape(-1, 3)).reshape(len(local), count)
+            samples -= samples.mean(axis=0)
+            norms = np.linalg.norm(samples, axis=0) * np.sqrt(self.values.size) + 1e-12
+            scores[part] = (self.values @ samples) / norms
         return scores
 
 
@@ -194,20 +197,38 @@ def distinct_best(scores: np.ndarray, rotations: np.ndarray, count: int) -> list
     return chosen
 
 
-def search(comparison: Comparison, volume: sitk.Image, atlas: Atlas) -> list[AtlasFit]:
-    """The CANDIDATES best distinct orientations of the atlas on the volume, best first: every rotation
-    of the grid at every size of SEARCH_SIZES, centred on the volume's foreground."""
-    volume_centre, volume_ml = region_moments(foreground(volume), image_affine(volume))
-    size = (volume_ml / atlas.brain_ml) ** (1 / 3)
-    start = AtlasFit(atlas.week, np.eye(3), atlas.brain_centre(), volume_centre, size, 0.0)
+def starting_fit(brain: np.ndarray, affine: np.ndarray, atlas: Atlas) -> AtlasFit:
+    """The atlas unturned on a brain [k, j, i] (a grid's voxel -> LPS (4, 4)): centres and sizes matched."""
+    centre, millilitres = region_moments(brain, affine)
+    size = (millilitres / atlas.brain_ml) ** (1 / 3)
+    return AtlasFit(atlas.week, np.eye(3), atlas.brain_centre(), centre, size, 0.0)
+
+
+def search(
+    comparison: Comparison, start: AtlasFit, sizes: np.ndarray = SEARCH_SIZES, count: int = CANDIDATES
+) -> list[AtlasFit]:
+    """The ``count`` best distinct orientations of the atlas, best first: every rotation of the grid at
+    every size (factors on the start's), about the start's centres."""
     grid = rotation_grid(GRID_ROTATIONS)
-    rotations = np.tile(grid, (len(SEARCH_SIZES), 1, 1))
-    factors = np.repeat(SEARCH_SIZES, len(grid))
+    rotations = np.tile(grid, (len(sizes), 1, 1))
+    factors = np.repeat(sizes, len(grid))
     scores = comparison.scores(start, rotations, np.zeros((len(rotations), 3)), factors)
     return [
-        replace(start, rotation=rotations[r], scale=size * factors[r], correlation=float(scores[r]))
-        for r in distinct_best(scores, rotations, CANDIDATES)
+        replace(start, rotation=rotations[r], scale=start.scale * factors[r], correlation=float(scores[r]))
+        for r in distinct_best(scores, rotations, count)
     ]
+
+
+def best_polished(comparison: Comparison, starts: list[AtlasFit]) -> list[AtlasFit]:
+    """The starts polished coarsely (COARSE_STEPS), best first."""
+    polished = [polish(comparison, start, COARSE_STEPS) for start in starts]
+    return sorted(polished, key=lambda fit: -fit.correlation)
+
+
+def turned_best(fits: list[AtlasFit]) -> float:
+    """The correlation of the best of fits[1:] turned more than DISTINCT_DEG from fits[0] (-1 if none)."""
+    turned = [fit.correlation for fit in fits[1:] if angle_deg(fit.rotation, fits[0].rotation) > DISTINCT_DEG]
+    return max(turned, default=-1.0)
 
 
 def moves(angle_deg_: float, shift_mm: float, scale_step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -261,12 +282,11 @@ def register(volume: sitk.Image, atlas: Atlas) -> tuple[AtlasFit, float]:
     few polished coarsely, the best FINE_CANDIDATES of those finely. Returns the best fit and the
     correlation of the best one turned more than DISTINCT_DEG away from it (how clear the choice was)."""
     coarse = Comparison(atlas, volume, SEARCH_SPACING_MM, SEARCH_SMOOTHING_MM)
-    polished = [polish(coarse, start, COARSE_STEPS) for start in search(coarse, volume, atlas)]
-    polished.sort(key=lambda fit: -fit.correlation)
+    start = starting_fit(foreground(volume), image_affine(volume), atlas)
+    polished = best_polished(coarse, search(coarse, start))
     fine = Comparison(atlas, volume, atlas.t2.GetSpacing()[0], FINE_SMOOTHING_MM)
     fits = sorted((refine(fine, fit) for fit in polished[:FINE_CANDIDATES]), key=lambda fit: -fit.correlation)
-    others = [fit.correlation for fit in fits[1:] if angle_deg(fit.rotation, fits[0].rotation) > DISTINCT_DEG]
-    return fits[0], max(others, default=-1.0)
+    return fits[0], turned_best(fits)
 
 
 def refine(fine: Comparison, fit: AtlasFit) -> AtlasFit:

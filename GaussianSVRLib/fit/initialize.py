@@ -107,7 +107,10 @@ def initial_models(
     slices = problem.slices
     rng = np.random.default_rng(settings.seed)
     if settings.prealign and len(problem.stacks) > 1:
-        rotvec, translation = prealign(problem.stacks, slices, problem.reference, settings.seed)
+        rotvec, translation = prealign(
+            problem.stacks, slices, problem.reference, settings.seed, settings.gestational_age,
+            settings.atlas_prealign,
+        )  # fmt: skip
     else:
         rotvec = np.zeros((slices.n_slices, 3))
         translation = np.zeros((slices.n_slices, 3))

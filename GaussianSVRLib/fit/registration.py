@@ -10,8 +10,12 @@ import SimpleITK as sitk
 from ..geometry import rigid_to_slice_motion, set_image_geometry
 from ..io.slices import SliceSet
 from ..io.stacks import Stack
+from .stack_orientation import Rigid, StackOrientation, checked, group_start, orient, stack_atlas
 
 log = logging.getLogger(__name__)
+
+#: Smoothing (mm, Gaussian sigma) of the registration's last level.
+FINE_SMOOTHING_MM = 1.0
 
 
 def masked_image(stack: Stack) -> sitk.Image:
@@ -24,12 +28,41 @@ def mask_image(stack: Stack) -> sitk.Image:
     return set_image_geometry(sitk.GetImageFromArray(stack.mask.astype(np.uint8)), stack.affine)
 
 
-def register_rigid(fixed: Stack, moving: Stack, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def correlation_method(fixed: Stack) -> sitk.ImageRegistrationMethod:
+    """Correlation over the fixed stack's mask (grown by 2 pixels in-plane), linear interpolation."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsCorrelation()
+    method.SetMetricFixedMask(sitk.BinaryDilate(mask_image(fixed), [2, 2, 1]))
+    method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def as_transform(rigid: Rigid, centre: np.ndarray) -> sitk.Euler3DTransform:
+    """SimpleITK's transform (fixed points -> moving points) about ``centre`` (3,) for the rigid map
+    x_fixed = A x_moving + b."""
+    matrix, offset = rigid
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(tuple(float(v) for v in centre))
+    transform.SetMatrix(tuple(float(v) for v in matrix.T.ravel()))
+    transform.SetTranslation(tuple(float(v) for v in matrix.T @ (centre - offset) - centre))
+    return transform
+
+
+def stack_agreement(fixed: Stack, moving: Stack, rigid: Rigid) -> float:
+    """The correlation of the two masked stacks, smoothed as the registration's last level, with the
+    moving one where x_fixed = A x_moving + b puts it (every voxel: two maps compare exactly)."""
+    images = [sitk.SmoothingRecursiveGaussian(masked_image(s), FINE_SMOOTHING_MM) for s in (fixed, moving)]
+    method = correlation_method(fixed)
+    method.SetInitialTransform(as_transform(rigid, np.zeros(3)))
+    return -method.MetricEvaluate(*images)
+
+
+def register_rigid(fixed: Stack, moving: Stack, seed: int = 0, start: Rigid | None = None) -> Rigid:
     """Rigid map x = A p + b from the moving stack's nominal world to the fixed stack's world.
 
-    Correlation on the masked stacks, centred on the masks' intensity moments (or from the headers
-    for a moving stack without a mask), coarse to fine.
-    SimpleITK's transform maps fixed points to moving points, so the result is its inverse.
+    Correlation on the masked stacks, coarse to fine, from ``start`` (A (3, 3), b (3,)) when given,
+    else centred on the masks' intensity moments (or from the headers for a moving stack without a
+    mask). SimpleITK's transform maps fixed points to moving points, so the result is its inverse.
     """
     fixed_image, moving_image = masked_image(fixed), masked_image(moving)
     if moving.mask.all():
@@ -47,18 +80,17 @@ def register_rigid(fixed: Stack, moving: Stack, seed: int = 0) -> tuple[np.ndarr
             sitk.Euler3DTransform(),
             sitk.CenteredTransformInitializerFilter.MOMENTS,
         )
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsCorrelation()
+    if start is not None:
+        initial = as_transform(start, np.asarray(initial.GetCenter()))
+    method = correlation_method(fixed)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.25, seed)
-    method.SetMetricFixedMask(sitk.BinaryDilate(mask_image(fixed), [2, 2, 1]))
-    method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.6
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0])
+    method.SetSmoothingSigmasPerLevel([2.0, FINE_SMOOTHING_MM])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)
     transform = method.Execute(fixed_image, moving_image)
@@ -71,17 +103,65 @@ def register_rigid(fixed: Stack, moving: Stack, seed: int = 0) -> tuple[np.ndarr
 
 
 def prealign(
-    stacks: list[Stack], slices: SliceSet, reference: int, seed: int = 0
+    stacks: list[Stack],
+    slices: SliceSet,
+    reference: int,
+    seed: int = 0,
+    week: float | None = None,
+    atlas_search: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Initial per-slice motion (rotvec (M, 3), translation (M, 3)) from stack-to-reference registration."""
+    """Initial per-slice motion (rotvec (M, 3), translation (M, 3)) from stack-to-reference registration,
+    checked by the stacks' vote on the atlas of ``week`` when ``atlas_search`` (stack_orientation.py)."""
+    registrations = {
+        s: register_rigid(stacks[reference], stack, seed) for s, stack in enumerate(stacks) if s != reference
+    }
+    if atlas_search:
+        registrations = checked_on_atlas(stacks, reference, registrations, week, seed)
     rotvec = np.zeros((slices.n_slices, 3))
     translation = np.zeros((slices.n_slices, 3))
-    for s, stack in enumerate(stacks):
-        if s == reference:
-            continue
-        matrix, offset = register_rigid(stacks[reference], stack, seed)
+    for s, (matrix, offset) in registrations.items():
         on_stack = slices.slice_stack == s
         rotvec[on_stack], translation[on_stack] = rigid_to_slice_motion(
             matrix, offset, slices.slice_centre[on_stack]
         )
     return rotvec, translation
+
+
+def checked_on_atlas(
+    stacks: list[Stack], reference: int, registrations: dict[int, Rigid], week: float | None, seed: int
+) -> dict[int, Rigid]:
+    """The registrations (stack -> x_reference = A x + b) after the stacks' vote on the atlas
+    (stack_orientation.py): a stack outside the group is registered again from the group's start and
+    takes the new result where both judges prefer it, the atlas on the stack and the stack on the
+    reference (a stack whose own atlas fit is wrong starts far off and loses on the second)."""
+    orientations = atlas_orientations(stacks, reference, week)
+    found = checked({**registrations, reference: (np.eye(3), np.zeros(3))}, orientations)
+    if found is None:
+        return registrations
+    rotation, centre, outside = found
+    result = dict(registrations)
+    fixed = stacks[reference]
+    for s in sorted(outside - {reference}):
+        orientation, old = orientations[s], registrations[s]
+        again = register_rigid(fixed, stacks[s], seed, group_start(rotation, centre, orientation))
+        if orientation.score(again[0].T @ rotation) > orientation.score(old[0].T @ rotation) and (
+            stack_agreement(fixed, stacks[s], again) > stack_agreement(fixed, stacks[s], old)
+        ):
+            log.info("stack %s: registered again from where the other stacks place the atlas", stacks[s].path)
+            result[s] = again
+    return result
+
+
+def atlas_orientations(
+    stacks: list[Stack], reference: int, week: float | None
+) -> dict[int, StackOrientation]:
+    """Each masked stack's orientation on the atlas of ``week`` (default: of the reference's brain); none
+    at all when the reference has no mask (nothing to place the others against)."""
+    if stacks[reference].mask.all():
+        return {}
+    atlas = stack_atlas(stacks[reference].mask, stacks[reference].affine, week)
+    return {
+        s: orient(masked_image(stack), stack.mask, stack.affine, atlas)
+        for s, stack in enumerate(stacks)
+        if not stack.mask.all()
+    }
