@@ -22,11 +22,12 @@ from .export.results import Reconstruction, write_results
 from .export.standard_space import in_standard_space
 from .export.support import StackSlices, carried_stacks
 from .fit.bias import correct_bias
-from .fit.initialize import Problem, data_stages, initial_models, prepare
+from .fit.initialize import Problem, atlas_posed_motion, data_stages, initial_models, prepare
 from .fit.mask_propagation import has_mask, prepare_masks
 from .fit.optimize import Hooks, optimize
-from .fit.quality import SliceQuality
-from .fit.refit import refit
+from .fit.prediction import SliceTensors
+from .fit.quality import SliceQuality, stack_agreements
+from .fit.refit import needs_refit, refit, worst
 from .io.roi import Box
 from .io.stacks import Stack, normalized_intensities, read_stacks
 from .model.gaussians import GaussianField
@@ -99,6 +100,18 @@ class Fit:
     def hooks(self, run: Run) -> Hooks:
         return Hooks(progress=run.progress, checkpoint=self.previews.maybe, should_stop=run.should_stop)
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.field.parameters(), *self.motion.parameters()]
+
+    def replace_models(self, field_: GaussianField, motion: SliceMotion) -> None:
+        """New values for the models, in place: the previews keep drawing the same objects."""
+        self.restore([p.detach() for p in (*field_.parameters(), *motion.parameters())])
+
+    def restore(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters(), values, strict=True):
+                parameter.copy_(value)
+
     def round_hooks(self, run: Run, iterations: int) -> Callable[[int], Hooks]:
         """Hooks for refit round r (see fit/refit.py): its steps counted on from the rounds before, under
         the stage "refit"."""
@@ -170,6 +183,40 @@ def start_fit(problem: Problem, settings: Settings, outputs: Outputs, device: to
         total=settings.iterations,
     )
     return Fit(problem, field_, motion, previews)
+
+
+def restart_on_atlas(
+    fit: Fit, stages: dict[str, SliceTensors], settings: Settings, device: torch.device, run: Run
+) -> int:
+    """After a first fit that left a stack agreeing poorly, the fit once more from the start, from
+    slice poses searched against the atlas (fit/atlas_poses.py), kept where its worst stack agrees
+    better; returns the rounds it took (0 or 1, counted with the refit rounds for the progress)."""
+    problem, slice_stack = fit.problem, fit.problem.slices.slice_stack
+    before = stack_agreements(fit.quality, slice_stack, len(problem.stacks))
+    if not (settings.atlas_prealign and settings.prealign and not settings.init_gaussians):
+        return 0
+    if len(problem.stacks) < 2 or not needs_refit(before, settings.iterations):
+        return 0
+    posed = atlas_posed_motion(problem, settings, device)
+    if posed is None:
+        return 0
+    saved = [parameter.detach().clone() for parameter in fit.parameters()]
+    fit.replace_models(*initial_models(problem, settings, device, posed))
+    quality = optimize(
+        fit.field, fit.motion, stages, slice_stack, settings, fit.round_hooks(run, settings.iterations)(1),
+        problem.time_pairs,
+    )  # fmt: skip
+    after = stack_agreements(quality, slice_stack, len(problem.stacks))
+    if (worst(after) or 0.0) > (worst(before) or 0.0):
+        log.info(
+            "restarted from slice poses on the atlas: worst stack agreement %s -> %s",
+            worst(before),
+            worst(after),
+        )
+        fit.quality = quality
+    else:
+        fit.restore(saved)
+    return 1
 
 
 def output_brain(
@@ -275,7 +322,10 @@ def reconstruct(
                     fit.hooks(run),
                     problem.time_pairs,
                 )
+            with run.stage("atlas_restart"):
+                restarted = restart_on_atlas(fit, stages, settings, device, run)
             with run.stage("refit"):
+                round_hooks = fit.round_hooks(run, settings.iterations)
                 fit.quality, refits = refit(
                     fit.field,
                     fit.motion,
@@ -284,11 +334,11 @@ def reconstruct(
                     len(problem.stacks),
                     settings,
                     fit.quality,
-                    fit.round_hooks(run, settings.iterations),
+                    lambda r: round_hooks(r + restarted),
                     problem.time_pairs,
                 )
             with run.stage("render"):
-                fit.previews.at_end(settings.iterations * (1 + len(refits)))
+                fit.previews.at_end(settings.iterations * (1 + restarted + len(refits)))
                 state = snapshot(problem, fit.field, fit.motion)
                 brain = output_brain(problem, state, fit.quality, settings)
                 if settings.output_space == "scanner":

@@ -234,8 +234,9 @@ class Settings:
     )
     atlas_prealign: bool = option(
         True,
-        "check each stack's registration against its orientation on the bundled atlas, found from any "
-        "start, and register it from there when the atlas puts it elsewhere (stacks turned far apart)",
+        "let the stacks vote on where the bundled atlas lies: a stack the vote puts far from the others "
+        "is registered again (stacks turned far apart), and a first fit that leaves a stack agreeing "
+        "poorly starts once more from slice poses searched against the atlas (large motion in stacks)",
         flag="--no-atlas-prealign",
     )
     mask_dilation_mm: float = option(

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from GaussianSVRLib.export.support import SUPPORT_MARGIN_MM
+from GaussianSVRLib.export.support import EDGE_FADE_MM, SUPPORT_MARGIN_MM
 from GaussianSVRLib.io.roi import box_from_corners
 from GaussianSVRLib.io.stacks import read_stack, world_box
 from GaussianSVRLib.pipeline import Outputs, reconstruct
@@ -128,8 +128,8 @@ def test_the_volume_is_cut_to_the_brain(reconstruction, phantom):
     spacing = reconstruction.volume.GetSpacing()[::-1]
     distance = ndimage.distance_transform_edt(~brain, sampling=spacing)
     ours = sitk.GetArrayFromImage(reconstruction.volume)
-    # Beyond the margin (and a slice of slack for the thick-slice masks), nothing; inside, the brain.
-    assert (ours[distance > SUPPORT_MARGIN_MM + 2.4] == 0).all()
+    # Beyond the margin and its fade (and a slice of slack for thick-slice masks), nothing; inside, brain.
+    assert (ours[distance > SUPPORT_MARGIN_MM + EDGE_FADE_MM + 2.4] == 0).all()
     assert (ours[ndimage.binary_erosion(brain, iterations=2)] > 0).mean() > 0.99
 
 

@@ -20,8 +20,9 @@ from ..model.motion import SliceMotion
 from ..model.neighbours import knn
 from ..model.volume import check_grid_fits, grid_covering
 from ..settings import MAX_GAUSSIANS, MIN_GAUSSIANS, Settings, describe
+from .atlas_poses import atlas_field, posed_on_atlas
 from .prediction import SliceTensors
-from .registration import prealign
+from .registration import prealign, slice_motion, stack_registrations
 from .warmstart import warm_start
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,44 @@ def automatic_gaussian_count(stack: Stack, per_ml: float) -> int:
     return int(np.clip(round(per_ml * millilitres), MIN_GAUSSIANS, MAX_GAUSSIANS))
 
 
+def atlas_posed_motion(problem: Problem, settings: Settings, device: torch.device) -> np.ndarray | None:
+    """Slice motion (rotvec, translation (M, 3) each, stacked (2, M, 3)) with every slice's pose searched
+    against the atlas where the stacks' vote put it (atlas_poses.py), from the stack registrations;
+    None where the stacks formed no group."""
+    registrations, placement = stack_registrations(
+        problem.stacks, problem.reference, settings.seed, settings.gestational_age, True
+    )
+    if placement is None:
+        return None
+    slices = problem.slices
+    rotvec, translation = slice_motion(registrations, slices)
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+
+    motion = SliceMotion(tensor(slices.slice_centre), tensor(rotvec), tensor(translation))
+    data = SliceTensors.from_slices(slices, 1.0, device)
+    posed_on_atlas(
+        atlas_field(placement, device), motion, data, settings.k_neighbours, settings.neighbour_backend,
+        settings.psf_mode,
+    )  # fmt: skip
+    return np.stack([motion.rotvec.detach().cpu().numpy(), motion.translation.detach().cpu().numpy()])
+
+
 def initial_models(
-    problem: Problem, settings: Settings, device: torch.device
+    problem: Problem, settings: Settings, device: torch.device, posed: np.ndarray | None = None
 ) -> tuple[GaussianField, SliceMotion]:
-    """Pre-aligned slice motion and content-adaptive Gaussians in the reference stack's frame, or the
-    earlier run's with --init-gaussians."""
+    """Pre-aligned slice motion (or ``posed``: rotvec and translation (2, M, 3)) and content-adaptive
+    Gaussians in the reference stack's frame, or the earlier run's with --init-gaussians."""
     if settings.init_gaussians:
         return warm_start(
             settings.init_gaussians, problem.stacks, problem.slices, problem.reference, settings.seed, device
         )
     slices = problem.slices
     rng = np.random.default_rng(settings.seed)
-    if settings.prealign and len(problem.stacks) > 1:
+    if posed is not None:
+        rotvec, translation = posed.astype(np.float64)
+    elif settings.prealign and len(problem.stacks) > 1:
         rotvec, translation = prealign(
             problem.stacks, slices, problem.reference, settings.seed, settings.gestational_age,
             settings.atlas_prealign,

@@ -6,11 +6,21 @@ import logging
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
 
+from ..atlas.bundled import load_atlas
 from ..geometry import rigid_to_slice_motion, set_image_geometry
 from ..io.slices import SliceSet
 from ..io.stacks import Stack
-from .stack_orientation import Rigid, StackOrientation, checked, group_start, orient, stack_atlas
+from .stack_orientation import (
+    AtlasPlacement,
+    Rigid,
+    StackOrientation,
+    checked,
+    group_start,
+    orient,
+    stack_atlas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +49,8 @@ def correlation_method(fixed: Stack) -> sitk.ImageRegistrationMethod:
 
 def as_transform(rigid: Rigid, centre: np.ndarray) -> sitk.Euler3DTransform:
     """SimpleITK's transform (fixed points -> moving points) about ``centre`` (3,) for the rigid map
-    x_fixed = A x_moving + b."""
-    matrix, offset = rigid
+    x_fixed = A x_moving + b (A made exactly orthonormal, as SimpleITK requires)."""
+    matrix, offset = Rotation.from_matrix(rigid[0]).as_matrix(), rigid[1]
     transform = sitk.Euler3DTransform()
     transform.SetCenter(tuple(float(v) for v in centre))
     transform.SetMatrix(tuple(float(v) for v in matrix.T.ravel()))
@@ -112,11 +122,12 @@ def prealign(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Initial per-slice motion (rotvec (M, 3), translation (M, 3)) from stack-to-reference registration,
     checked by the stacks' vote on the atlas of ``week`` when ``atlas_search`` (stack_orientation.py)."""
-    registrations = {
-        s: register_rigid(stacks[reference], stack, seed) for s, stack in enumerate(stacks) if s != reference
-    }
-    if atlas_search:
-        registrations = checked_on_atlas(stacks, reference, registrations, week, seed)
+    registrations, _ = stack_registrations(stacks, reference, seed, week, atlas_search)
+    return slice_motion(registrations, slices)
+
+
+def slice_motion(registrations: dict[int, Rigid], slices: SliceSet) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice motion (rotvec (M, 3), translation (M, 3)) of stack registrations (none: identity)."""
     rotvec = np.zeros((slices.n_slices, 3))
     translation = np.zeros((slices.n_slices, 3))
     for s, (matrix, offset) in registrations.items():
@@ -127,19 +138,24 @@ def prealign(
     return rotvec, translation
 
 
-def checked_on_atlas(
-    stacks: list[Stack], reference: int, registrations: dict[int, Rigid], week: float | None, seed: int
-) -> dict[int, Rigid]:
-    """The registrations (stack -> x_reference = A x + b) after the stacks' vote on the atlas
-    (stack_orientation.py): a stack outside the group is registered again from the group's start and
-    takes the new result where both judges prefer it, the atlas on the stack and the stack on the
-    reference (a stack whose own atlas fit is wrong starts far off and loses on the second)."""
+def stack_registrations(
+    stacks: list[Stack], reference: int, seed: int, week: float | None, atlas_search: bool
+) -> tuple[dict[int, Rigid], AtlasPlacement | None]:
+    """Every other stack registered to the reference (stack -> x_reference = A x + b) and, with
+    ``atlas_search``, checked by the stacks' vote on the atlas: a stack outside the group is registered
+    again from the group's start and takes the new result where both judges prefer it, the atlas on
+    the stack and the stack on the reference (a stack whose own atlas fit is wrong starts far off and
+    loses on the second). Also where the vote put the atlas (None without a vote)."""
+    registrations = {
+        s: register_rigid(stacks[reference], stack, seed) for s, stack in enumerate(stacks) if s != reference
+    }
+    if not atlas_search:
+        return registrations, None
     orientations = atlas_orientations(stacks, reference, week)
     found = checked({**registrations, reference: (np.eye(3), np.zeros(3))}, orientations)
     if found is None:
-        return registrations
+        return registrations, None
     rotation, centre, outside = found
-    result = dict(registrations)
     fixed = stacks[reference]
     for s in sorted(outside - {reference}):
         orientation, old = orientations[s], registrations[s]
@@ -148,8 +164,9 @@ def checked_on_atlas(
             stack_agreement(fixed, stacks[s], again) > stack_agreement(fixed, stacks[s], old)
         ):
             log.info("stack %s: registered again from where the other stacks place the atlas", stacks[s].path)
-            result[s] = again
-    return result
+            registrations[s] = again
+    fit = orientations[reference].fit
+    return registrations, AtlasPlacement(load_atlas(fit.week), rotation, centre, fit.scale)
 
 
 def atlas_orientations(

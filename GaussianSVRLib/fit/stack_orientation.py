@@ -50,6 +50,17 @@ Rigid = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
+class AtlasPlacement:
+    """Where the stacks' vote put the atlas in the reference frame: its brain centre at ``centre``
+    (3,), turned by ``rotation`` (3, 3), scaled by ``scale``."""
+
+    atlas: Atlas
+    rotation: np.ndarray
+    centre: np.ndarray
+    scale: float
+
+
+@dataclass(frozen=True)
 class StackOrientation:
     """The atlas on one stack and the comparison it was scored with (to score other placements)."""
 
