@@ -187,19 +187,21 @@ def start_fit(problem: Problem, settings: Settings, outputs: Outputs, device: to
 
 def restart_on_atlas(
     fit: Fit, stages: dict[str, SliceTensors], settings: Settings, device: torch.device, run: Run
-) -> int:
+) -> dict | None:
     """After a first fit that left a stack agreeing poorly, the fit once more from the start, from
     slice poses searched against the atlas (fit/atlas_poses.py), kept where its worst stack agrees
-    better; returns the rounds it took (0 or 1, counted with the refit rounds for the progress)."""
+    better. Returns the report's record of it (stack agreements before and after, whether it was
+    kept, seconds), None where it did not run."""
     problem, slice_stack = fit.problem, fit.problem.slices.slice_stack
     before = stack_agreements(fit.quality, slice_stack, len(problem.stacks))
     if not (settings.atlas_prealign and settings.prealign and not settings.init_gaussians):
-        return 0
+        return None
     if len(problem.stacks) < 2 or not needs_refit(before, settings.iterations):
-        return 0
+        return None
+    started = time.monotonic()
     posed = atlas_posed_motion(problem, settings, device)
     if posed is None:
-        return 0
+        return None
     saved = [parameter.detach().clone() for parameter in fit.parameters()]
     fit.replace_models(*initial_models(problem, settings, device, posed))
     quality = optimize(
@@ -207,16 +209,15 @@ def restart_on_atlas(
         problem.time_pairs,
     )  # fmt: skip
     after = stack_agreements(quality, slice_stack, len(problem.stacks))
-    if (worst(after) or 0.0) > (worst(before) or 0.0):
-        log.info(
-            "restarted from slice poses on the atlas: worst stack agreement %s -> %s",
-            worst(before),
-            worst(after),
-        )
+    kept = (worst(after) or 0.0) > (worst(before) or 0.0)
+    log.info("restart from slice poses on the atlas: worst stack agreement %s -> %s (%s)",
+             worst(before), worst(after), "kept" if kept else "dropped")  # fmt: skip
+    if kept:
         fit.quality = quality
     else:
         fit.restore(saved)
-    return 1
+    return {"agreements_before": before, "agreements_after": after, "kept": kept,
+            "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
 
 
 def output_brain(
@@ -323,7 +324,8 @@ def reconstruct(
                     problem.time_pairs,
                 )
             with run.stage("atlas_restart"):
-                restarted = restart_on_atlas(fit, stages, settings, device, run)
+                restart = restart_on_atlas(fit, stages, settings, device, run)
+                restarted = 0 if restart is None else 1
             with run.stage("refit"):
                 round_hooks = fit.round_hooks(run, settings.iterations)
                 fit.quality, refits = refit(
@@ -365,6 +367,7 @@ def reconstruct(
             if run.brain_search is not None:
                 report["brain_search"] = run.brain_search
             report["refit_rounds"] = [round_.as_dict() for round_ in refits]
+            report["atlas_restart"] = restart
             paths = write_results(outputs, problem, state, image, report, fit.quality, run.check, space)
         except Cancelled:
             return cancelled_run(fit, settings, device, run)
