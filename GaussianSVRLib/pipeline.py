@@ -21,6 +21,7 @@ from .export.report import build_report
 from .export.results import Reconstruction, write_results
 from .export.standard_space import in_standard_space
 from .export.support import StackSlices, carried_stacks
+from .fit.atlas_poses import RESTART_AGREEMENT
 from .fit.bias import correct_bias
 from .fit.initialize import Problem, atlas_posed_motion, data_stages, initial_models, prepare
 from .fit.mask_propagation import has_mask, prepare_masks
@@ -185,38 +186,52 @@ def start_fit(problem: Problem, settings: Settings, outputs: Outputs, device: to
     return Fit(problem, field_, motion, previews)
 
 
+def refit_rounds(fit: Fit, stages: dict[str, SliceTensors], settings: Settings, run: Run, first: int) -> list:
+    """fit/refit.py's rounds on ``fit``, in place, their steps counted on after round ``first``."""
+    round_hooks = fit.round_hooks(run, settings.iterations)
+    problem = fit.problem
+    fit.quality, rounds = refit(
+        fit.field, fit.motion, stages["fine"], problem.slices.slice_stack, len(problem.stacks), settings,
+        fit.quality, lambda r: round_hooks(first + r), problem.time_pairs,
+    )  # fmt: skip
+    return rounds
+
+
 def restart_on_atlas(
-    fit: Fit, stages: dict[str, SliceTensors], settings: Settings, device: torch.device, run: Run
+    fit: Fit, stages: dict[str, SliceTensors], settings: Settings, device: torch.device, run: Run, first: int
 ) -> dict | None:
-    """After a first fit that left a stack agreeing poorly, the fit once more from the start, from
-    slice poses searched against the atlas (fit/atlas_poses.py), kept where its worst stack agrees
-    better. Returns the report's record of it (stack agreements before and after, whether it was
-    kept, seconds), None where it did not run."""
+    """After a fit and its refit rounds (``first`` rounds after the first fit) that leave a stack
+    agreeing below RESTART_AGREEMENT, the fit once more from the start, from slice poses searched
+    against the atlas (fit/atlas_poses.py), with refit rounds of its own; kept where its worst stack
+    agrees better. Returns the report's record of it (stack agreements before and after, whether it
+    was kept, its refit rounds, seconds), None where it did not run."""
     problem, slice_stack = fit.problem, fit.problem.slices.slice_stack
     before = stack_agreements(fit.quality, slice_stack, len(problem.stacks))
     if not (settings.atlas_prealign and settings.prealign and not settings.init_gaussians):
         return None
-    if len(problem.stacks) < 2 or not needs_refit(before, settings.iterations):
+    if len(problem.stacks) < 2 or not needs_refit(before, settings.iterations, RESTART_AGREEMENT):
         return None
     started = time.monotonic()
     posed = atlas_posed_motion(problem, settings, device)
     if posed is None:
         return None
     saved = [parameter.detach().clone() for parameter in fit.parameters()]
+    saved_quality = fit.quality
     fit.replace_models(*initial_models(problem, settings, device, posed))
-    quality = optimize(
-        fit.field, fit.motion, stages, slice_stack, settings, fit.round_hooks(run, settings.iterations)(1),
-        problem.time_pairs,
+    fit.quality = optimize(
+        fit.field, fit.motion, stages, slice_stack, settings,
+        fit.round_hooks(run, settings.iterations)(first + 1), problem.time_pairs,
     )  # fmt: skip
-    after = stack_agreements(quality, slice_stack, len(problem.stacks))
+    rounds = refit_rounds(fit, stages, settings, run, first + 1)
+    after = stack_agreements(fit.quality, slice_stack, len(problem.stacks))
     kept = (worst(after) or 0.0) > (worst(before) or 0.0)
     log.info("restart from slice poses on the atlas: worst stack agreement %s -> %s (%s)",
              worst(before), worst(after), "kept" if kept else "dropped")  # fmt: skip
-    if kept:
-        fit.quality = quality
-    else:
+    if not kept:
         fit.restore(saved)
+        fit.quality = saved_quality
     return {"agreements_before": before, "agreements_after": after, "kept": kept,
+            "refit_rounds": [round_.as_dict() for round_ in rounds],
             "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
 
 
@@ -323,24 +338,13 @@ def reconstruct(
                     fit.hooks(run),
                     problem.time_pairs,
                 )
-            with run.stage("atlas_restart"):
-                restart = restart_on_atlas(fit, stages, settings, device, run)
-                restarted = 0 if restart is None else 1
             with run.stage("refit"):
-                round_hooks = fit.round_hooks(run, settings.iterations)
-                fit.quality, refits = refit(
-                    fit.field,
-                    fit.motion,
-                    stages["fine"],
-                    problem.slices.slice_stack,
-                    len(problem.stacks),
-                    settings,
-                    fit.quality,
-                    lambda r: round_hooks(r + restarted),
-                    problem.time_pairs,
-                )
+                refits = refit_rounds(fit, stages, settings, run, 0)
+            with run.stage("atlas_restart"):
+                restart = restart_on_atlas(fit, stages, settings, device, run, len(refits))
             with run.stage("render"):
-                fit.previews.at_end(settings.iterations * (1 + restarted + len(refits)))
+                restarted = 0 if restart is None else 1 + len(restart["refit_rounds"])
+                fit.previews.at_end(settings.iterations * (1 + len(refits) + restarted))
                 state = snapshot(problem, fit.field, fit.motion)
                 brain = output_brain(problem, state, fit.quality, settings)
                 if settings.output_space == "scanner":

@@ -49,11 +49,12 @@ def worst(agreements: list[float | None]) -> float | None:
     return min(judged) if judged else None
 
 
-def needs_refit(agreements: list[float | None], iterations: int) -> bool:
+def needs_refit(agreements: list[float | None], iterations: int, below: float = LOW_AGREEMENT) -> bool:
     """Whether a run of ``iterations`` whose stacks agree as given is worth another round: one stack at
-    least agrees poorly, in a run long enough to be judged (a quick check of an install is not)."""
+    least agrees ``below`` the given level, in a run long enough to be judged (a quick check of an
+    install is not)."""
     lowest = worst(agreements)
-    return iterations >= MIN_JUDGED_ITERATIONS and lowest is not None and lowest < LOW_AGREEMENT
+    return iterations >= MIN_JUDGED_ITERATIONS and lowest is not None and lowest < below
 
 
 def refit(
