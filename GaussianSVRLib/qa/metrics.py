@@ -8,9 +8,10 @@ the same global ambiguity from the estimated slice transforms before comparing t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,9 +35,10 @@ SECOND_START_MM = 10.0
 CROP_MARGIN = 12
 #: Half-extent (mm) of the point cloud attached to each slice when fitting the global transform.
 SLICE_POINT_RADIUS_MM = 20.0
-#: orientation_errors refits the global rotation on the slices below this error percentile, twice.
-ORIENTATION_INLIER_PERCENTILE = 75.0
-ORIENTATION_REFITS = 2
+#: The global frame is refitted on the slices below this error percentile, INLIER_REFITS times, so
+#: that a few misregistered slices do not tilt it (and with it every other slice's error).
+INLIER_PERCENTILE = 75.0
+INLIER_REFITS = 2
 
 
 def _as_float(image: sitk.Image) -> sitk.Image:
@@ -298,19 +300,45 @@ def _matched(estimated: list[dict], truth: list[dict]) -> tuple[dict[str, np.nda
     return arrays(estimated), arrays(pairs)
 
 
+Model = TypeVar("Model")
+
+
+def _fit_on_inliers(
+    fit: Callable[[np.ndarray], Model], errors: Callable[[Model], np.ndarray], count: int
+) -> Model:
+    """fit(inliers (count,) bool) refitted INLIER_REFITS times on the items whose errors(model) (count,)
+    are at most their INLIER_PERCENTILE: a least-squares fit that a few gross outliers cannot pull."""
+    model = fit(np.ones(count, dtype=bool))
+    for _ in range(INLIER_REFITS):
+        error = errors(model)
+        model = fit(error <= np.percentile(error, INLIER_PERCENTILE))
+    return model
+
+
 def fit_global_rigid(estimated: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """The rigid G = (R (3, 3), t (3,)) with T_est ~ G o T_true over all matched slices (least squares).
+    """The rigid G = (R (3, 3), t (3,)) with T_est ~ G o T_true over the matched slices (least squares,
+    refitted on the inliers: ``_fit_on_inliers``).
 
     Each slice contributes 7 nominal points rigidly attached to it: its true centre c and
     c +/- 20 mm along each world axis (an isotropic cloud, so the fit does not depend on the choice
-    of axes), mapped by its true and by its estimated transform.
+    of axes), mapped by its true and by its estimated transform. A slice's error is the mean
+    distance of its points after G. Without the refit, three slices misregistered by 10-20° among
+    90 tilted G by 0.6° on a simulated case, which doubled the median error of all the others.
     """
     est, true = _matched(estimated, truth)
     offsets = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * SLICE_POINT_RADIUS_MM
     points = true["centre"][:, None] + offsets  # (M, 7, 3)
     moved_true = _apply(points, true["centre"], rotvec_to_matrix_np(true["rotation"]), true["translation"])
     moved_est = _apply(points, est["centre"], rotvec_to_matrix_np(est["rotation"]), est["translation"])
-    return kabsch(moved_true.reshape(-1, 3), moved_est.reshape(-1, 3))
+
+    def fit(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return kabsch(moved_true[inliers].reshape(-1, 3), moved_est[inliers].reshape(-1, 3))
+
+    def errors(rigid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        rotation, translation = rigid
+        return np.linalg.norm(moved_true @ rotation.T + translation - moved_est, axis=-1).mean(-1)
+
+    return _fit_on_inliers(fit, errors, len(points))
 
 
 def motion_errors(estimated: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -351,16 +379,14 @@ def orientation_errors(estimated: list[dict], truth: list[dict]) -> np.ndarray:
     against slice positions: when the estimated positions and orientations disagree by a common
     tilt (the through-plane placement of thick slices is the least determined), every slice carries
     that tilt in its rotation error. Here Q is fitted to the orientations alone (chordal mean of
-    R_est R_true^T), then refitted on the slices below the ORIENTATION_INLIER_PERCENTILE of error
-    so that misregistered slices do not tilt it: the error left is how far each slice's orientation
-    is from its neighbours' consensus.
+    R_est R_true^T), refitted on the inliers (``_fit_on_inliers``): the error left is how far each
+    slice's orientation is from its neighbours' consensus.
     """
     est, true = _matched(estimated, truth)
     r_est, r_true = rotvec_to_matrix_np(est["rotation"]), rotvec_to_matrix_np(true["rotation"])
     relative = r_est @ np.swapaxes(r_true, -1, -2)
-    inliers = np.ones(len(relative), dtype=bool)
-    for _ in range(ORIENTATION_REFITS + 1):
-        q = _mean_rotation(relative[inliers])
-        errors = rotation_angle_deg(np.swapaxes(r_est, -1, -2) @ q @ r_true)
-        inliers = errors <= np.percentile(errors, ORIENTATION_INLIER_PERCENTILE)
-    return errors
+
+    def errors(q: np.ndarray) -> np.ndarray:
+        return rotation_angle_deg(np.swapaxes(r_est, -1, -2) @ q @ r_true)
+
+    return errors(_fit_on_inliers(lambda inliers: _mean_rotation(relative[inliers]), errors, len(relative)))

@@ -217,6 +217,26 @@ def test_a_known_slice_perturbation_is_measured():
     assert rotation_error[others].max() < 0.3 and translation_error[others].max() < 0.3
 
 
+def test_a_few_far_off_slices_do_not_tilt_the_global_frame():
+    rng = np.random.default_rng(4)
+    truth = _truth(rng)
+    g_rotation = Rotation.from_rotvec([0.3, 0.1, -0.2]).as_matrix()
+    g_translation = np.array([4.0, -6.0, 2.0])
+    estimated = [_then(sl, g_rotation, g_translation) for sl in truth]
+    far = [2, 9, 21]
+    for i in far:
+        centre = np.asarray(truth[i]["centre"]) + truth[i]["translation"]
+        extra = Rotation.from_rotvec(np.deg2rad(15.0) * np.array([0.0, 1.0, 0.0])).as_matrix()
+        estimated[i] = _then(
+            _then(truth[i], extra, np.array([0.0, 0.0, 6.0]), pivot=centre), g_rotation, g_translation
+        )
+    rotation_error, translation_error = motion_errors(estimated, truth)
+    others = np.delete(np.arange(len(truth)), far)
+    assert rotation_error[others].max() < 1e-6 and translation_error[others].max() < 1e-6
+    assert rotation_error[far] == pytest.approx(15.0, abs=1e-6)
+    assert translation_error[far] == pytest.approx(6.0, abs=1e-6)
+
+
 def test_orientation_errors_ignore_a_common_tilt_and_a_few_far_off_slices():
     rng = np.random.default_rng(3)
     truth = _truth(rng)
